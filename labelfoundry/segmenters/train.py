@@ -1,0 +1,194 @@
+"""Train a downstream network on (synthetic) labeled data (HandsOff §4.1, App. B.3).
+
+One plain loop: Adam (lr 1e-3), optional CUDA autocast, checkpoints to ``out_dir`` every
+``checkpoint_every`` steps and at the end, exact resume from the newest checkpoint.
+
+Fine-tuning on a second dataset (the paper's Cityscapes step) is a second call with the
+already-trained model, the second dataset and a *different* ``out_dir`` (e.g.
+``out_dir / "finetune"``): calling again with the same ``out_dir`` resumes the first run.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, Field
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from labelfoundry.segmenters.augment import augment_batch
+from labelfoundry.segmenters.batch import prepare_batch
+from labelfoundry.segmenters.checkpoint import (
+    capture_rng,
+    checkpoint_path,
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    restore_rng,
+    save_checkpoint,
+)
+from labelfoundry.segmenters.losses import task_loss
+from labelfoundry.segmenters.metrics import evaluate_segmenter
+from labelfoundry.segmenters.models import Task
+
+log = logging.getLogger(__name__)
+
+
+class TrainConfig(BaseModel):
+    """Optimisation settings (defaults follow HandsOff App. B.3: Adam, lr 1e-3, batch 64)."""
+
+    lr: float = Field(1e-3, gt=0)
+    batch_size: int = Field(64, ge=1)
+    epochs: int = Field(20, ge=1, description="used when max_steps is None")
+    max_steps: int | None = Field(None, ge=1, description="total optimiser steps; overrides epochs")
+    amp: Literal["none", "bf16", "fp16"] = Field("bf16", description="autocast dtype, CUDA only")
+    checkpoint_every: int = Field(500, ge=1, description="steps between checkpoints")
+    keep_last: int = Field(2, description="checkpoints kept in out_dir (<=0 keeps all)")
+    ignore_index: int = 255
+    hflip: bool = Field(False, description="random horizontal flip; unsafe for left/right labels")
+    flip_permutation: list[int] | None = Field(
+        None, description="class-id / heatmap-channel mirror map applied when flipping"
+    )
+    color_jitter: float = Field(0.0, ge=0)
+    num_workers: int = Field(0, ge=0)
+    seed: int = Field(0, description="seeds data order and augmentation")
+    log_every: int = Field(50, ge=1)
+    val_every: int | None = Field(None, ge=1, description="steps between validations")
+    num_classes: int | None = Field(None, description="for validation mIoU (segmentation)")
+
+
+class TrainResult(BaseModel):
+    """What a (possibly resumed) training run did. ``losses`` covers all steps 1..step."""
+
+    step: int
+    steps_per_epoch: int
+    losses: list[float]
+    resumed_from: int = 0
+    last_checkpoint: Path | None = None
+    val_metrics: list[dict] = []
+
+
+def _batch_stream(
+    data: Dataset | DataLoader, cfg: TrainConfig, start_step: int
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless batches starting at ``start_step``.
+
+    For a Dataset the order is a seeded permutation per epoch (seed + epoch), so resuming
+    is exact; the last partial batch is dropped. A DataLoader is iterated as given and the
+    first ``start_step % len(loader)`` batches are skipped on resume (exact only if the
+    loader's order is deterministic).
+    """
+    if isinstance(data, DataLoader):
+        skip = start_step % len(data)
+        while True:
+            for i, batch in enumerate(data):
+                if i >= skip:
+                    yield batch
+            skip = 0
+    n = len(data)
+    bs = min(cfg.batch_size, n)
+    per_epoch = n // bs
+    epoch, skip = divmod(start_step, per_epoch)
+    while True:
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + epoch))
+        batches = [perm[i * bs : (i + 1) * bs].tolist() for i in range(skip, per_epoch)]
+        yield from DataLoader(data, batch_sampler=batches, num_workers=cfg.num_workers)
+        epoch, skip = epoch + 1, 0
+
+
+def _steps_per_epoch(data: Dataset | DataLoader, batch_size: int) -> int:
+    if isinstance(data, DataLoader):
+        return len(data)
+    return len(data) // min(batch_size, len(data))
+
+
+def train_segmenter(
+    model: nn.Module,
+    train_data: Dataset | DataLoader,
+    cfg: TrainConfig,
+    *,
+    task: Task,
+    out_dir: str | Path,
+    val_data: Dataset | DataLoader | None = None,
+    resume: bool = True,
+    device: torch.device | str | None = None,
+) -> TrainResult:
+    """Train ``model`` in place on ``train_data`` (items: see ``segmenters.batch``).
+
+    Runs ``cfg.max_steps`` steps (or ``cfg.epochs`` epochs) in total, counting steps done by
+    a resumed checkpoint. Returns the full per-step loss history.
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    out_dir = Path(out_dir)
+    model.to(device).train()
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    use_amp = device.type == "cuda" and cfg.amp != "none"
+    amp_dtype = torch.float16 if cfg.amp == "fp16" else torch.bfloat16
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and cfg.amp == "fp16")
+    aug_gen = torch.Generator().manual_seed(cfg.seed)
+    per_epoch = _steps_per_epoch(train_data, cfg.batch_size)
+    total = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * per_epoch
+
+    step, losses, result = 0, [], TrainResult(step=0, steps_per_epoch=per_epoch, losses=[])
+    ckpt = latest_checkpoint(out_dir) if resume else None
+    if ckpt is not None:
+        state = load_checkpoint(ckpt)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        restore_rng(state["rng"], aug_gen)
+        step, losses = int(state["step"]), state["losses"].tolist()
+        result.resumed_from, result.last_checkpoint = step, ckpt
+        log.info("resumed from %s (step %d)", ckpt, step)
+
+    def save() -> None:
+        state = {
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "scaler": scaler.state_dict(),
+            "step": step,
+            "losses": torch.tensor(losses, dtype=torch.float64),
+            "rng": capture_rng(aug_gen),
+        }
+        result.last_checkpoint = save_checkpoint(checkpoint_path(out_dir, step), state)
+        prune_checkpoints(out_dir, cfg.keep_last)
+
+    def validate() -> None:
+        metrics = evaluate_segmenter(
+            model, val_data, task, cfg.num_classes or 0, device,
+            batch_size=cfg.batch_size, ignore_index=cfg.ignore_index,
+        )
+        result.val_metrics.append({"step": step, **metrics})
+        log.info("step %d validation: %s", step, metrics)
+
+    batches = _batch_stream(train_data, cfg, step)
+    while step < total:
+        x, targets = prepare_batch(next(batches), task, device)
+        x = augment_batch(
+            x, targets, task, aug_gen, hflip=cfg.hflip,
+            flip_permutation=cfg.flip_permutation, color_jitter=cfg.color_jitter,
+        )
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+            out = model(x)
+        loss = task_loss(out, targets, task, cfg.ignore_index)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        step += 1
+        losses.append(float(loss.detach()))
+        if step % cfg.log_every == 0:
+            log.info("step %d/%d loss %.5f", step, total, losses[-1])
+        if step % cfg.checkpoint_every == 0 or step == total:
+            save()
+        if val_data is not None and cfg.val_every and step % cfg.val_every == 0:
+            validate()
+
+    if val_data is not None and (not result.val_metrics or result.val_metrics[-1]["step"] != step):
+        validate()
+    result.step, result.losses = step, losses
+    return result
