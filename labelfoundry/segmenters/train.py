@@ -58,7 +58,9 @@ class TrainConfig(BaseModel):
     seed: int = Field(0, description="seeds data order and augmentation")
     log_every: int = Field(50, ge=1)
     val_every: int | None = Field(None, ge=1, description="steps between validations")
-    num_classes: int | None = Field(None, description="for validation mIoU (segmentation)")
+    num_classes: int | None = Field(
+        None, description="for validation mIoU; default: the Segmenter's cfg.num_classes"
+    )
 
 
 class TrainResult(BaseModel):
@@ -157,9 +159,12 @@ def train_segmenter(
         result.last_checkpoint = save_checkpoint(checkpoint_path(out_dir, step), state)
         prune_checkpoints(out_dir, cfg.keep_last)
 
+    model_cfg = getattr(model, "cfg", None)
+    num_classes = cfg.num_classes or getattr(model_cfg, "num_classes", 0)
+
     def validate() -> None:
         metrics = evaluate_segmenter(
-            model, val_data, task, cfg.num_classes or 0, device,
+            model, val_data, task, num_classes, device,
             batch_size=cfg.batch_size, ignore_index=cfg.ignore_index,
         )
         result.val_metrics.append({"step": step, **metrics})

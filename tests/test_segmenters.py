@@ -1,0 +1,218 @@
+"""Downstream segmenters: model shapes, training, checkpoint/resume, augmentation."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+from labelfoundry.segmenters.augment import augment_batch
+from labelfoundry.segmenters.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from labelfoundry.segmenters.heatmaps import keypoint_heatmaps
+from labelfoundry.segmenters.metrics import evaluate_segmenter
+from labelfoundry.segmenters.models import SegmenterConfig, build_segmenter
+from labelfoundry.segmenters.train import TrainConfig, train_segmenter
+
+S = 32
+
+
+class SquareDataset(Dataset):
+    """n noisy 32x32 images, each with a bright square (class 1) on a dark background."""
+
+    def __init__(self, n: int = 16, task: str = "segmentation", seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.items = []
+        for _ in range(n):
+            x0, y0 = torch.randint(0, S - 12, (2,), generator=g).tolist()
+            side = int(torch.randint(8, 12, (1,), generator=g))
+            mask = torch.zeros(S, S, dtype=torch.int64)
+            mask[y0 : y0 + side, x0 : x0 + side] = 1
+            noise = torch.randint(0, 60, (3, S, S), generator=g)
+            image = (noise + 150 * mask).clamp(0, 255).to(torch.uint8)
+            item = {"image": image}
+            if task == "segmentation":
+                item["label"] = mask
+            elif task == "keypoints":
+                kps = torch.tensor(
+                    [[x0, y0, 1.0], [x0 + side - 1, y0 + side - 1, 1.0], [0.0, 0.0, 0.0]]
+                )
+                item["label"] = keypoint_heatmaps(kps, S, S, sigma=2.0)
+                item["keypoints"] = kps
+            else:
+                item["label"] = 5.0 + 10.0 * mask.float()
+                item["valid"] = torch.rand(S, S, generator=g) > 0.1
+            self.items.append(item)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.items[i]
+
+
+def _tiny(task: str = "segmentation", **kw) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_segmenter(SegmenterConfig(arch="tiny_unet", task=task, tiny_width=8, **kw))
+
+
+# ---------------------------------------------------------------------- models
+
+
+def test_tiny_unet_output_shape_any_size():
+    model = _tiny(num_classes=3).eval()
+    assert model(torch.zeros(2, 3, 30, 34)).shape == (2, 3, 30, 34)
+
+
+def test_deeplabv3_resnet50_shape_and_no_download(caplog, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))  # empty local cache
+    with caplog.at_level(logging.WARNING):
+        model = build_segmenter(
+            SegmenterConfig(arch="deeplabv3_resnet50", task="segmentation", num_classes=5)
+        ).eval()
+    assert "resnet50-" in caplog.text and "RANDOM" in caplog.text
+    with torch.no_grad():
+        assert model(torch.zeros(1, 3, S, S)).shape == (1, 5, S, S)
+
+
+def test_deeplab_loads_backbone_from_local_cache(tmp_path, monkeypatch):
+    """A file in <hub>/checkpoints named like torchvision's is picked up (faked, resnet50)."""
+    import torchvision
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    fake = torchvision.models.resnet50().state_dict()
+    fake["conv1.weight"].fill_(0.125)
+    name = torchvision.models.ResNet50_Weights.IMAGENET1K_V1.url.rsplit("/", 1)[-1]
+    (tmp_path / "checkpoints").mkdir()
+    torch.save(fake, tmp_path / "checkpoints" / name)
+    model = build_segmenter(SegmenterConfig(arch="deeplabv3_resnet50", num_classes=2))
+    assert torch.all(model.net.backbone.conv1.weight == 0.125)
+
+
+@pytest.mark.parametrize("task,channels", [("segmentation", 4), ("keypoints", 3), ("depth", 1)])
+def test_smp_unet_heads_and_padding(task, channels):
+    cfg = SegmenterConfig(
+        arch="unet", task=task, num_classes=4, num_keypoints=3, pretrained_backbone=False
+    )
+    model = build_segmenter(cfg).eval()
+    with torch.no_grad():
+        assert model(torch.zeros(1, 3, 40, 36)).shape == (1, channels, 40, 36)
+
+
+def test_keypoint_task_needs_keypoints():
+    with pytest.raises(ValueError):
+        SegmenterConfig(task="keypoints", num_keypoints=0)
+
+
+# -------------------------------------------------------------------- training
+
+
+def test_tiny_unet_loss_falls_and_learns_square(tmp_path):
+    data = SquareDataset(16)
+    model = _tiny(num_classes=2)
+    cfg = TrainConfig(batch_size=8, max_steps=40, checkpoint_every=100, lr=1e-2)
+    res = train_segmenter(model, data, cfg, task="segmentation", out_dir=tmp_path, device="cpu")
+    assert res.step == 40 and len(res.losses) == 40
+    assert sum(res.losses[-5:]) / 5 < 0.5 * sum(res.losses[:5]) / 5
+    assert res.last_checkpoint == latest_checkpoint(tmp_path)  # final checkpoint written
+    metrics = evaluate_segmenter(model, data, "segmentation", 2, "cpu")
+    assert metrics["miou"] > 0.5
+
+
+@pytest.mark.parametrize("task", ["keypoints", "depth"])
+def test_continuous_tasks_train(task, tmp_path):
+    data = SquareDataset(8, task=task)
+    model = _tiny(task, num_keypoints=3)
+    cfg = TrainConfig(batch_size=4, max_steps=6, checkpoint_every=100, lr=1e-2)
+    res = train_segmenter(model, data, cfg, task=task, out_dir=tmp_path, device="cpu",
+                          val_data=data)
+    assert all(torch.isfinite(torch.tensor(res.losses)))
+    assert res.losses[-1] < res.losses[0]
+    assert res.val_metrics and res.val_metrics[-1]["step"] == 6
+
+
+def test_checkpoint_resume_is_exact(tmp_path):
+    data = SquareDataset(12)
+    cfg = TrainConfig(batch_size=4, max_steps=5, checkpoint_every=2, keep_last=0, hflip=True,
+                      flip_permutation=[0, 1], color_jitter=0.1)
+    ref = _tiny(num_classes=2)
+    full = train_segmenter(ref, data, cfg, task="segmentation", out_dir=tmp_path / "a",
+                           device="cpu")
+    assert [int(p.stem[5:]) for p in list_checkpoints(tmp_path / "a")] == [2, 4, 5]
+
+    part = train_segmenter(_tiny(num_classes=2), data, cfg.model_copy(update={"max_steps": 3}),
+                           task="segmentation", out_dir=tmp_path / "b", device="cpu")
+    assert part.step == 3 and part.losses == full.losses[:3]
+    torch.manual_seed(123)  # disturb global RNG; resume must restore it
+    resumed_model = _tiny(num_classes=2)
+    torch.manual_seed(456)
+    resumed = train_segmenter(resumed_model, data, cfg, task="segmentation",
+                              out_dir=tmp_path / "b", device="cpu")
+    assert resumed.resumed_from == 3 and resumed.step == 5
+    assert resumed.losses == full.losses
+    for (k, a), b in zip(ref.state_dict().items(), resumed_model.state_dict().values()):
+        assert torch.equal(a, b), k
+    sa = load_checkpoint(latest_checkpoint(tmp_path / "a"))  # weights_only=True
+    sb = load_checkpoint(latest_checkpoint(tmp_path / "b"))
+    assert sa["step"] == sb["step"] == 5
+    assert torch.equal(sa["rng"]["torch"], sb["rng"]["torch"])
+    assert torch.equal(sa["rng"]["aug"], sb["rng"]["aug"])
+
+
+def test_finetune_is_a_second_call(tmp_path):
+    model = _tiny(num_classes=2)
+    cfg = TrainConfig(batch_size=4, max_steps=2, checkpoint_every=100)
+    train_segmenter(model, SquareDataset(8), cfg, task="segmentation", out_dir=tmp_path,
+                    device="cpu")
+    ft = train_segmenter(model, SquareDataset(4, seed=1), cfg, task="segmentation",
+                         out_dir=tmp_path / "finetune", device="cpu")
+    assert ft.resumed_from == 0 and ft.step == 2
+
+
+def test_hflip_opt_in_swaps_left_right_classes():
+    x = torch.zeros(1, 3, 2, 4)
+    x[..., 0] = 1.0
+    label = torch.tensor([[[1, 0, 0, 2], [1, 255, 0, 2]]])  # 1 = left thing, 2 = right thing
+    g = torch.Generator().manual_seed(0)
+    targets = {"label": label.clone()}
+    assert torch.equal(augment_batch(x, targets, "segmentation", g), x)  # default: no flip
+    assert torch.equal(targets["label"], label)
+    flipped = None
+    for _ in range(20):  # p=0.5 per call
+        targets = {"label": label.clone()}
+        out = augment_batch(x, targets, "segmentation", g, hflip=True,
+                            flip_permutation=[0, 2, 1])
+        if not torch.equal(out, x):
+            flipped = (out, targets["label"])
+            break
+    assert flipped is not None
+    assert torch.equal(flipped[0][..., 3], x[..., 0])
+    assert flipped[1].tolist() == [[[1, 0, 0, 2], [1, 0, 255, 2]]]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="AMP runs on CUDA only")
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_amp_on_cuda(amp, tmp_path):
+    model = _tiny(num_classes=2)
+    cfg = TrainConfig(batch_size=8, max_steps=4, checkpoint_every=2, amp=amp, lr=1e-2)
+    res = train_segmenter(model, SquareDataset(16), cfg, task="segmentation",
+                          out_dir=tmp_path, device="cuda")
+    assert all(torch.isfinite(torch.tensor(res.losses)))
+    assert "scale" in load_checkpoint(latest_checkpoint(tmp_path))["scaler"] or amp == "bf16"
+
+
+def test_dataloader_input_and_segmentation_validation(tmp_path):
+    from torch.utils.data import DataLoader
+
+    data = SquareDataset(8)
+    loader = DataLoader(data, batch_size=4, shuffle=False)
+    cfg = TrainConfig(max_steps=3, checkpoint_every=2, keep_last=0)
+    full = train_segmenter(_tiny(num_classes=2), loader, cfg, task="segmentation",
+                           out_dir=tmp_path / "a", device="cpu", val_data=data)
+    assert full.steps_per_epoch == 2 and 0 <= full.val_metrics[-1]["miou"] <= 1
+    train_segmenter(_tiny(num_classes=2), loader, cfg.model_copy(update={"max_steps": 2}),
+                    task="segmentation", out_dir=tmp_path / "b", device="cpu")
+    resumed = train_segmenter(_tiny(num_classes=2), loader, cfg, task="segmentation",
+                              out_dir=tmp_path / "b", device="cpu")
+    assert resumed.resumed_from == 2 and resumed.losses == full.losses
