@@ -1,0 +1,67 @@
+"""Sharded Zarr v3 storage for labelfoundry datasets.
+
+Layout: ``data.zarr/`` (sharded arrays), ``manifest/shard-XXXXXX.parquet``
+(one commit marker per shard), ``dataset.json`` (layout + provenance),
+``filters/<name>.parquet`` (keep flags). Torch datasets live in
+:mod:`storage.reader` and are imported lazily so ``import storage`` does
+not import torch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .dataset import OpenedDataset, open_dataset
+from .errors import (
+    CorruptShardError,
+    FormatVersionError,
+    LayoutMismatchError,
+    MissingChunkError,
+    NotADatasetError,
+    ReadOnlyError,
+    SampleValidationError,
+    ShardCommittedError,
+    ShardIndexError,
+    StorageError,
+    UncommittedShardError,
+)
+from .hashing import sample_checksum, shard_seed
+from .layout import FORMAT_VERSION
+from .store import ShardStore
+from .verify import BadShard, VerifyReport, verify
+
+_LAZY = {"ShardDataset", "ShardIterableDataset"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        from . import reader
+
+        return getattr(reader, name)
+    raise AttributeError(f"module 'storage' has no attribute {name!r}")
+
+
+__all__ = [
+    "FORMAT_VERSION",
+    "BadShard",
+    "CorruptShardError",
+    "FormatVersionError",
+    "LayoutMismatchError",
+    "MissingChunkError",
+    "NotADatasetError",
+    "OpenedDataset",
+    "ReadOnlyError",
+    "SampleValidationError",
+    "ShardCommittedError",
+    "ShardDataset",
+    "ShardIndexError",
+    "ShardIterableDataset",
+    "ShardStore",
+    "StorageError",
+    "UncommittedShardError",
+    "VerifyReport",
+    "open_dataset",
+    "sample_checksum",
+    "shard_seed",
+    "verify",
+]

@@ -1,0 +1,156 @@
+"""Filesystem access through fsspec: path resolution and atomic writes.
+
+A dataset root is a local directory or any fsspec URL (``memory://x``,
+``s3://bucket/prefix``). Commit markers (manifest parts, flags, dataset.json)
+must appear all-or-nothing, so every such file goes through
+:func:`atomic_write`.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+
+@dataclass
+class Root:
+    """A resolved dataset root: fsspec filesystem + path inside it."""
+
+    url: str
+    fs: fsspec.AbstractFileSystem
+    path: str
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self.fs, LocalFileSystem)
+
+    def key(self, relative: str) -> str:
+        """Filesystem path of ``relative`` under the root."""
+        return posixpath.join(self.path, relative) if relative else self.path
+
+    def describe(self, relative: str) -> str:
+        """User-facing location of ``relative`` (used in error messages)."""
+        return self.url.rstrip("/") + "/" + relative
+
+    def exists(self, relative: str) -> bool:
+        return bool(self.fs.exists(self.key(relative)))
+
+    def size(self, relative: str) -> int | None:
+        """Size in bytes, or None when the file does not exist."""
+        try:
+            return int(self.fs.size(self.key(relative)))
+        except FileNotFoundError:
+            return None
+
+    def read_bytes(self, relative: str) -> bytes:
+        return self.fs.cat_file(self.key(relative))
+
+    def read_many(self, relatives: list[str]) -> dict[str, bytes]:
+        """Read several files (concurrently on async filesystems such as s3)."""
+        if not relatives:
+            return {}
+        keys = [self.key(r) for r in relatives]
+        data = self.fs.cat(keys, on_error="raise")
+        if len(keys) == 1 and not isinstance(data, dict):
+            data = {keys[0]: data}
+        return {r: data[k] for r, k in zip(relatives, keys)}
+
+    def list_names(self, relative_dir: str) -> list[str]:
+        """File names directly under ``relative_dir`` (empty if it does not exist)."""
+        try:
+            entries = self.fs.ls(self.key(relative_dir), detail=False)
+        except FileNotFoundError:
+            return []
+        return sorted(posixpath.basename(str(e).rstrip("/")) for e in entries)
+
+    def remove(self, relative: str) -> None:
+        try:
+            self.fs.rm_file(self.key(relative))
+        except FileNotFoundError:
+            pass
+
+    def makedirs(self, relative: str) -> None:
+        self.fs.makedirs(self.key(relative), exist_ok=True)
+
+    def write_atomic(self, relative: str, data: bytes) -> None:
+        atomic_write(self.fs, self.key(relative), data)
+
+    def zarr_store(self, relative: str, read_only: bool) -> Any:
+        """A zarr v3 store rooted at ``relative`` (LocalStore on disk, FsspecStore otherwise)."""
+        from zarr.storage import FsspecStore, LocalStore
+
+        if self.is_local:
+            return LocalStore(self.key(relative), read_only=read_only)
+        url = self.fs.unstrip_protocol(self.key(relative))
+        return FsspecStore.from_url(url, storage_options=self.storage_options or None, read_only=read_only)
+
+
+def resolve(path: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> Root:
+    """Resolve a local path or fsspec URL into a :class:`Root`."""
+    options = dict(storage_options or {})
+    text = os.fspath(path)
+    fs, inner = fsspec.core.url_to_fs(text, **options)
+    if isinstance(fs, LocalFileSystem):
+        inner = os.path.abspath(inner)
+        url = inner
+    else:
+        inner = inner.rstrip("/")
+        url = text.rstrip("/")
+    return Root(url=url, fs=fs, path=inner, storage_options=options)
+
+
+def atomic_write(fs: fsspec.AbstractFileSystem, key: str, data: bytes) -> None:
+    """Write ``data`` to ``key`` so readers see either nothing or the whole file.
+
+    Local disk: temp file in the same directory, fsync, ``os.replace`` (atomic
+    rename). Other fsspec stores: write a temp key then ``fs.mv`` it into place;
+    object stores (s3, gcs, az) publish an object atomically per PUT/copy, so the
+    final key never holds a partial file even though ``mv`` is copy+delete.
+    Temp names start with '.' and never match the manifest-part pattern.
+    """
+    parent, name = posixpath.split(key)
+    tmp = posixpath.join(parent, f".{name}.tmp-{uuid.uuid4().hex}")
+    if isinstance(fs, LocalFileSystem):
+        os.makedirs(parent, exist_ok=True)
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, key)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        _fsync_dir(parent)
+        return
+    fs.makedirs(parent, exist_ok=True)
+    try:
+        fs.pipe_file(tmp, data)
+        fs.mv(tmp, key)
+    finally:
+        try:
+            if fs.exists(tmp):
+                fs.rm_file(tmp)
+        except OSError:
+            pass
+
+
+def _fsync_dir(path: str) -> None:
+    """Persist a rename on POSIX filesystems (no-op where unsupported)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

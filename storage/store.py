@@ -1,0 +1,361 @@
+"""ShardStore: create a dataset, write whole shards, commit them, read them back.
+
+Commit protocol: a shard is committed iff ``manifest/shard-XXXXXX.parquet``
+exists. ``write_shard`` writes the whole shard region of every array in one
+slice assignment, reads it back and checks checksums, and only then publishes
+the manifest part atomically. A crash at any point leaves the shard
+uncommitted, and resuming simply rewrites it (idempotently).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import platform
+from typing import Any, Mapping
+
+import numpy as np
+import pandas as pd
+
+from . import filters as _filters
+from . import manifest as _manifest
+from .errors import (
+    LayoutMismatchError,
+    NotADatasetError,
+    ReadOnlyError,
+    SampleValidationError,
+    ShardCommittedError,
+    ShardIndexError,
+    UncommittedShardError,
+    CorruptShardError,
+)
+from .fsio import Root, resolve
+from .hashing import shard_checksums
+from .layout import DATASET_JSON, MANIFEST_DIR, Layout, build_layout, manifest_part_key
+from .sample_reader import SampleReader, regenerate_hint
+from .zarr_io import create_arrays, open_arrays
+
+log = logging.getLogger(__name__)
+
+_MODES = ("r", "r+", "a")
+
+
+def read_layout(root: Root) -> tuple[Layout, dict[str, Any]]:
+    """Load ``dataset.json``; clear errors for non-datasets and wrong versions."""
+    try:
+        raw = root.read_bytes(DATASET_JSON)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
+        raise NotADatasetError(
+            f"{root.describe(DATASET_JSON)} not found: {root.url} is not a labelfoundry dataset. "
+            "Check the path, or create one with ShardStore.create(...)"
+        ) from exc
+    try:
+        info = json.loads(raw)
+    except ValueError as exc:
+        raise NotADatasetError(
+            f"{root.describe(DATASET_JSON)} is not valid JSON ({exc}); restore it or recreate the dataset"
+        ) from exc
+    return Layout.from_dict(info, root.describe(DATASET_JSON)), info
+
+
+class ShardStore:
+    """A sharded image/label dataset at a local path or fsspec URL."""
+
+    def __init__(self, root: Root, layout: Layout, info: dict[str, Any], mode: str) -> None:
+        self._root = root
+        self._layout = layout
+        self.info = info
+        self.mode = mode
+        self._write_arrays: dict[str, Any] | None = None
+        self._reader: SampleReader | None = None
+
+    # ------------------------------------------------------------------ open
+    @classmethod
+    def create(
+        cls,
+        path: str,
+        *,
+        num_samples: int,
+        image_shape: tuple[int, int],
+        label_shape: tuple[int, ...],
+        label_dtype: str,
+        schema: dict[str, Any],
+        samples_per_shard: int = 64,
+        with_uncertainty: bool = True,
+        w_shape: tuple[int, int] | None = None,
+        provenance: dict[str, Any] | None = None,
+        compression: str = "zstd",
+        level: int = 3,
+        storage_options: dict[str, Any] | None = None,
+    ) -> "ShardStore":
+        """Create the dataset, or open it if it already exists with the same layout.
+
+        Re-running with identical arguments is a no-op (resume); a different
+        layout or provenance raises :class:`LayoutMismatchError`. Call it once
+        (in the flow) before fanning out shard-writing tasks.
+        """
+        root = resolve(path, storage_options)
+        layout = build_layout(
+            num_samples=num_samples,
+            image_shape=image_shape,
+            label_shape=label_shape,
+            label_dtype=label_dtype,
+            schema=schema,
+            samples_per_shard=samples_per_shard,
+            with_uncertainty=with_uncertainty,
+            w_shape=w_shape,
+            provenance=provenance,
+            compression=compression,
+            level=level,
+        )
+        if root.exists(DATASET_JSON):
+            existing, info = read_layout(root)
+            _check_same(root, layout, existing)
+            return cls(root, existing, info, "a")
+        if _manifest.committed_indices(root, layout.num_shards):
+            raise LayoutMismatchError(
+                f"{root.describe(MANIFEST_DIR)} has committed shards but {root.describe(DATASET_JSON)} "
+                "is missing; refusing to overwrite. Delete the directory to start over"
+            )
+        create_arrays(root, layout)
+        info = layout.to_dict()
+        info["created_at"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        info["created_with"] = _versions()
+        root.makedirs(MANIFEST_DIR)
+        # dataset.json last: its presence means the arrays exist.
+        root.write_atomic(DATASET_JSON, json.dumps(info, indent=2, sort_keys=True).encode())
+        return cls(root, layout, info, "a")
+
+    @classmethod
+    def open(cls, path: str, mode: str = "r", storage_options: dict[str, Any] | None = None) -> "ShardStore":
+        """Open an existing dataset; ``mode='a'`` (or ``'r+'``) allows ``write_shard``."""
+        if mode not in _MODES:
+            raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+        root = resolve(path, storage_options)
+        layout, info = read_layout(root)
+        return cls(root, layout, info, mode)
+
+    # ------------------------------------------------------------ properties
+    @property
+    def url(self) -> str:
+        return self._root.url
+
+    @property
+    def storage_options(self) -> dict[str, Any]:
+        return dict(self._root.storage_options)
+
+    @property
+    def layout(self) -> Layout:
+        return self._layout
+
+    @property
+    def num_shards(self) -> int:
+        return self._layout.num_shards
+
+    @property
+    def samples_per_shard(self) -> int:
+        return self._layout.samples_per_shard
+
+    @property
+    def num_samples(self) -> int:
+        return self._layout.num_samples
+
+    def __repr__(self) -> str:
+        return f"ShardStore({self.url!r}, num_samples={self.num_samples}, num_shards={self.num_shards}, mode={self.mode!r})"
+
+    def _check_index(self, index: int) -> int:
+        if not isinstance(index, (int, np.integer)) or not 0 <= int(index) < self.num_shards:
+            raise ShardIndexError(
+                f"shard index {index!r} out of range: {self._root.describe(DATASET_JSON)} "
+                f"has {self.num_shards} shards (0..{self.num_shards - 1})"
+            )
+        return int(index)
+
+    def shard_range(self, index: int) -> range:
+        """Global sample ids held by shard ``index``."""
+        return self._layout.shard_range(self._check_index(index))
+
+    def shard_file(self, array: str, index: int) -> str:
+        """Location of the Zarr shard file of ``array`` for shard ``index``."""
+        return self._root.describe(self._layout.shard_file_key(array, self._check_index(index)))
+
+    # ----------------------------------------------------------------- write
+    def write_shard(
+        self,
+        index: int,
+        samples: Mapping[str, np.ndarray],
+        rows: pd.DataFrame | Mapping[str, Any],
+        *,
+        overwrite: bool = False,
+        verify_readback: bool = True,
+    ) -> None:
+        """Write and commit one whole shard.
+
+        Idempotent: rewriting an uncommitted shard just replaces it; calling it
+        again for a committed shard with identical data is a no-op. Different
+        data for a committed shard raises unless ``overwrite=True``.
+        """
+        if self.mode == "r":
+            raise ReadOnlyError(f"{self.url} was opened with mode='r'; use ShardStore.open(path, mode='a') to write")
+        index = self._check_index(index)
+        rng = self._layout.shard_range(index)
+        arrays = self._validate_samples(index, samples, len(rng))
+        frame = _manifest.rows_frame(rows, len(rng), self._layout)
+        checksums = shard_checksums(arrays)
+
+        existing = _manifest.read_part(self._root, index)
+        if existing is not None:
+            if list(existing["checksum"]) == checksums and not overwrite:
+                log.info("shard %d of %s already committed with identical data; skipping", index, self.url)
+                return
+            if not overwrite:
+                raise ShardCommittedError(
+                    f"shard {index} is already committed ({self._root.describe(manifest_part_key(index))}) "
+                    "with different data; pass overwrite=True to replace it, or delete that file first"
+                )
+            self._root.remove(manifest_part_key(index))  # uncommit before touching data
+
+        target = self._arrays_for_write()
+        for name, data in arrays.items():
+            target[name][rng.start : rng.stop] = data  # one whole-shard write per array
+
+        if verify_readback:
+            self._readback(index, checksums)
+        part = _manifest.build_part(self._layout, index, frame, checksums, arrays["label"])
+        _manifest.write_part(self._root, index, part)
+
+    def _validate_samples(self, index: int, samples: Mapping[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
+        expected = set(self._layout.arrays)
+        given = set(samples)
+        if given != expected:
+            raise SampleValidationError(
+                f"write_shard({index}) got arrays {sorted(given)} but {self._root.describe(DATASET_JSON)} "
+                f"declares {sorted(expected)} (missing: {sorted(expected - given)}, "
+                f"unexpected: {sorted(given - expected)})"
+            )
+        out = {}
+        for name, spec in self._layout.arrays.items():
+            data = np.asarray(samples[name])
+            want = (n, *spec.shape)
+            if data.shape != want:
+                raise SampleValidationError(
+                    f"samples[{name!r}] for shard {index} has shape {data.shape}, expected {want}"
+                )
+            if data.dtype != np.dtype(spec.dtype):
+                raise SampleValidationError(
+                    f"samples[{name!r}] has dtype {data.dtype}, expected {spec.dtype}; cast explicitly "
+                    f"(e.g. .astype(np.{spec.dtype})) so no silent truncation happens here"
+                )
+            out[name] = np.ascontiguousarray(data)
+        return out
+
+    def _arrays_for_write(self) -> dict[str, Any]:
+        if self._write_arrays is None:
+            self._write_arrays = open_arrays(self._root, self._layout, writable=True)
+        return self._write_arrays
+
+    def _readback(self, index: int, checksums: list[str]) -> None:
+        reader = self._sample_reader()
+        reader._checked.discard(index)
+        data = reader.read_shard(index, ["image", "label"] + (["uncertainty"] if "uncertainty" in self._layout.arrays else []))
+        got = shard_checksums(data)
+        bad = [i for i, (a, b) in enumerate(zip(got, checksums)) if a != b]
+        if bad:
+            raise CorruptShardError(
+                f"read-back of shard {index} ({self.shard_file('image', index)}) does not match what was "
+                f"written for {len(bad)} sample(s); not committing. Retry the task"
+            )
+
+    # ------------------------------------------------------------- manifest
+    def committed_shards(self) -> list[int]:
+        """Shards with a manifest part (run ``verify`` to also check their data)."""
+        return _manifest.committed_indices(self._root, self.num_shards)
+
+    def uncommitted_shards(self) -> list[int]:
+        """Shards still to be (re)generated."""
+        done = set(self.committed_shards())
+        return [i for i in range(self.num_shards) if i not in done]
+
+    def is_complete(self) -> bool:
+        return not self.uncommitted_shards()
+
+    def manifest(self) -> pd.DataFrame:
+        """All committed rows (sorted by sample_id) with filter flags merged in."""
+        frame = _manifest.read_parts(self._root, self.committed_shards())
+        return _filters.merge_flags(frame, _filters.read_flags(self._root))
+
+    def filter_names(self) -> list[str]:
+        return _filters.filter_names(self._root)
+
+    def write_flags(self, flags: pd.DataFrame, name: str = "default") -> None:
+        """Store filter results (sample_id, keep, reasons...) as ``filters/<name>.parquet``.
+
+        Data is never rewritten; the flags are merged by ``manifest()``.
+        """
+        if self.mode == "r":
+            raise ReadOnlyError(f"{self.url} was opened with mode='r'; open with mode='a' to write flags")
+        base = _manifest.read_parts(self._root, self.committed_shards())
+        others = _filters.read_flags(self._root)
+        frame = _filters.validate_flags(flags, name, list(base.columns), base["sample_id"].to_numpy(), others)
+        _filters.write_flags(self._root, name, frame)
+
+    # ------------------------------------------------------------------ read
+    def _sample_reader(self) -> SampleReader:
+        if self._reader is None:
+            self._reader = SampleReader(self._root, self._layout)
+        return self._reader
+
+    def read_sample(self, sample_id: int, *, allow_uncommitted: bool = False) -> dict[str, np.ndarray]:
+        """One sample's arrays; refuses samples of uncommitted shards by default."""
+        reader = self._sample_reader()
+        index = reader._check_id(int(sample_id))
+        if not allow_uncommitted and not self._root.exists(manifest_part_key(index)):
+            raise UncommittedShardError(
+                f"sample {sample_id} is in shard {index}, which is not committed "
+                f"({self._root.describe(manifest_part_key(index))} does not exist); "
+                "finish generation or pass allow_uncommitted=True"
+            )
+        return reader.read(int(sample_id))
+
+    def dataset(self, filter: _filters.FilterSpec = "keep", **kwargs: Any) -> Any:
+        """Map-style torch Dataset over the selected committed samples."""
+        from .dataset import open_dataset
+
+        return open_dataset(self.url, filter=filter, storage_options=self.storage_options).dataset(**kwargs)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Zarr handles are per-process: reopen lazily after pickling.
+        state = self.__dict__.copy()
+        state["_write_arrays"] = None
+        state["_reader"] = None
+        return state
+
+
+def _check_same(root: Root, requested: Layout, existing: Layout) -> None:
+    diff = requested.layout_diff(existing)
+    if diff:
+        raise LayoutMismatchError(
+            f"{root.describe(DATASET_JSON)} exists with a different layout: " + "; ".join(diff)
+            + ". Use a new path, or delete the existing dataset to recreate it"
+        )
+    if requested.provenance != existing.provenance:
+        keys = sorted(
+            k for k in set(requested.provenance) | set(existing.provenance)
+            if requested.provenance.get(k) != existing.provenance.get(k)
+        )
+        raise LayoutMismatchError(
+            f"{root.describe(DATASET_JSON)} was created with different provenance (keys {keys}); resuming "
+            "would mix outputs of different generators/configs. Use a new path, or "
+            "ShardStore.open(path, mode='a') to deliberately continue"
+        )
+
+
+def _versions() -> dict[str, str]:
+    import numcodecs
+    import zarr
+
+    return {"python": platform.python_version(), "zarr": zarr.__version__, "numcodecs": numcodecs.__version__}
+
+
+__all__ = ["ShardStore", "read_layout", "regenerate_hint"]

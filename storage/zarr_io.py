@@ -1,0 +1,94 @@
+"""All direct use of zarr: creating the sharded arrays and opening them safely.
+
+Only public zarr v3 API is used (``zarr.create_array``, ``zarr.open_group``,
+``Array.with_config``, ``zarr.codecs``) so this works on zarr 3.1 and 3.2+.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import zarr
+from zarr.codecs import BloscCodec, ZstdCodec
+
+from .fsio import Root
+from .layout import DATA_DIR, FORMAT_VERSION, Layout
+
+# write_empty_chunks=True: an all-zero sample (e.g. an all-background label)
+# must still be stored, otherwise it is indistinguishable from a missing chunk.
+_WRITE_CONFIG = {"write_empty_chunks": True}
+
+
+def supports_read_missing_chunks() -> bool:
+    """True on zarr versions (3.2+) that can raise on missing chunks themselves."""
+    try:
+        return "read_missing_chunks" in dict(zarr.config.get("array"))
+    except Exception:  # pragma: no cover - config layout changed
+        return False
+
+
+def make_compressors(name: str, level: int) -> list[Any] | None:
+    """numcodecs-backed zarr v3 codecs for ``compression=name``.
+
+    zstd gets a content checksum so a flipped byte fails to decode instead of
+    yielding wrong pixels.
+    """
+    if name == "zstd":
+        return [ZstdCodec(level=level, checksum=True)]
+    if name == "blosc":
+        return [BloscCodec(cname="zstd", clevel=level, shuffle="shuffle")]
+    if name == "none":
+        return None
+    raise ValueError(f"unknown compression {name!r}; use 'zstd', 'blosc' or 'none'")
+
+
+def create_arrays(root: Root, layout: Layout) -> None:
+    """(Re)create ``data.zarr`` with every array preallocated to ``num_samples``.
+
+    Overwrites existing array metadata; only called before ``dataset.json``
+    exists, i.e. before any shard can have been committed.
+    """
+    store = root.zarr_store(DATA_DIR, read_only=False)
+    zarr.create_group(store, overwrite=True, attributes={"labelfoundry_format_version": FORMAT_VERSION})
+    compressors = make_compressors(layout.compression["name"], layout.compression["level"])
+    n, s = layout.num_samples, layout.samples_per_shard
+    for name, spec in layout.arrays.items():
+        zarr.create_array(
+            store,
+            name=name,
+            shape=(n, *spec.shape),
+            dtype=spec.dtype,
+            chunks=(1, *spec.shape),
+            shards=(s, *spec.shape),
+            compressors=compressors,
+            fill_value=0,
+            chunk_key_encoding={"name": "default", "separator": "/"},
+            dimension_names=("sample", *spec.dims),
+            config=dict(_WRITE_CONFIG),
+            overwrite=True,
+        )
+
+
+def open_arrays(root: Root, layout: Layout, *, writable: bool) -> dict[str, Any]:
+    """Open every array of the layout with the right runtime config.
+
+    Writers get ``write_empty_chunks=True``; readers get
+    ``read_missing_chunks=False`` where zarr supports it (the reader also
+    checks shard files itself, see ``sample_reader``).
+    """
+    store = root.zarr_store(DATA_DIR, read_only=not writable)
+    group = zarr.open_group(store, mode="r+" if writable else "r")
+    config: dict[str, Any] = dict(_WRITE_CONFIG) if writable else {}
+    if not writable and supports_read_missing_chunks():
+        config["read_missing_chunks"] = False
+    arrays = {}
+    for name in layout.arrays:
+        try:
+            array = group[name]
+        except KeyError as exc:
+            raise FileNotFoundError(
+                f"{root.describe(DATA_DIR + '/' + name)} is missing although dataset.json lists it; "
+                "the dataset is damaged: regenerate it"
+            ) from exc
+        arrays[name] = array.with_config(config) if config else array
+    return arrays
