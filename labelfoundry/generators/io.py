@@ -1,0 +1,61 @@
+"""Our own checkpoint format: one safetensors file, architecture JSON in its metadata.
+
+safetensors holds only tensors, so loading can never execute code; the JSON header carries the
+generator (and optional discriminator) configuration.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .discriminator import Discriminator, DiscriminatorConfig
+from .stylegan2 import Generator, StyleGAN2Config
+
+FORMAT = "labelfoundry-stylegan2"
+FORMAT_VERSION = "1"
+
+
+def save_generator(path: str | os.PathLike, G: Generator, D: Discriminator | None = None, extra: dict | None = None) -> None:
+    """Write G (and D) atomically: a crash mid-write never leaves a half file under `path`."""
+    tensors = {f"G.{k}": v.detach().to("cpu").contiguous() for k, v in G.state_dict().items()}
+    meta = {"format": FORMAT, "version": FORMAT_VERSION, "G": json.dumps(G.cfg.to_json())}
+    if D is not None:
+        tensors.update({f"D.{k}": v.detach().to("cpu").contiguous() for k, v in D.state_dict().items()})
+        meta["D"] = json.dumps(D.cfg.to_json())
+    if extra:
+        meta["extra"] = json.dumps(extra)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+
+
+def load_own(path: str | os.PathLike, device: str | torch.device = "cpu") -> Generator:
+    """Load a generator saved by `save_generator`; `.discriminator` is set when the file has one."""
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != FORMAT:
+                raise ValueError(
+                    f"{path}: not a labelfoundry generator file (format={meta.get('format')!r}); "
+                    "convert it with `labelfoundry convert` or pass an NVIDIA .pkl / rosinality .pt instead"
+                )
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except (OSError, RuntimeError) as e:  # safetensors reports a corrupt header as RuntimeError-like errors
+        raise ValueError(f"{path}: cannot read safetensors file ({e}); re-download or re-export it") from e
+    G = Generator(StyleGAN2Config.from_json(json.loads(meta["G"])))
+    G.load_state_dict({k[2:]: v for k, v in state.items() if k.startswith("G.")})
+    if "D" in meta:
+        D = Discriminator(DiscriminatorConfig.from_json(json.loads(meta["D"])))
+        D.load_state_dict({k[2:]: v for k, v in state.items() if k.startswith("D.")})
+        G.discriminator = D.to(device).eval()
+    G.extra = json.loads(meta.get("extra", "{}"))
+    return G.to(device).eval()
