@@ -18,9 +18,9 @@ from .layout import Layout, manifest_part_key
 from .zarr_io import open_arrays
 
 
-def regenerate_hint(index: int) -> str:
-    """The standard fix for a damaged committed shard."""
-    return f"delete {manifest_part_key(index)} and re-run generation to regenerate it"
+def regenerate_hint(root: Root, index: int) -> str:
+    """The standard fix for a damaged committed shard: uncommit it, then resume."""
+    return f"delete {root.describe(manifest_part_key(index))} and re-run generation to regenerate it"
 
 
 def check_shard_files(root: Root, layout: Layout, index: int) -> None:
@@ -32,7 +32,7 @@ def check_shard_files(root: Root, layout: Layout, index: int) -> None:
             state = "is missing" if size is None else "is empty"
             raise MissingChunkError(
                 f"{root.describe(key)} {state} but shard {index} is committed; reading it would "
-                f"return zeros. Fix: {regenerate_hint(index)}"
+                f"return zeros. Fix: {regenerate_hint(root, index)}"
             )
 
 
@@ -91,9 +91,9 @@ class SampleReader:
         except Exception as exc:
             if type(exc).__name__ == "ChunkNotFoundError":
                 raise MissingChunkError(
-                    f"{self.root.describe(key)} is missing a chunk (zarr: {exc}). Fix: {regenerate_hint(index)}"
+                    f"{self.root.describe(key)} is missing a chunk (zarr: {exc}). Fix: {regenerate_hint(self.root, index)}"
                 ) from exc
             raise CorruptShardError(
                 f"failed to decode {self.root.describe(key)} ({type(exc).__name__}: {exc}). "
-                f"Fix: {regenerate_hint(index)}"
+                f"Fix: {regenerate_hint(self.root, index)}"
             ) from exc

@@ -33,7 +33,7 @@ from .errors import (
 from .fsio import Root, resolve
 from .hashing import shard_checksums
 from .layout import DATASET_JSON, MANIFEST_DIR, Layout, build_layout, manifest_part_key
-from .sample_reader import SampleReader, regenerate_hint
+from .sample_reader import SampleReader
 from .zarr_io import create_arrays, open_arrays
 
 log = logging.getLogger(__name__)
@@ -358,4 +358,4 @@ def _versions() -> dict[str, str]:
     return {"python": platform.python_version(), "zarr": zarr.__version__, "numcodecs": numcodecs.__version__}
 
 
-__all__ = ["ShardStore", "read_layout", "regenerate_hint"]
+__all__ = ["ShardStore", "read_layout"]

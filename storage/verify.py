@@ -82,7 +82,7 @@ def verify(path: str, storage_options: dict[str, Any] | None = None) -> VerifyRe
 
 def _verify_shard(root: Any, layout: Any, reader: SampleReader, index: int) -> list[BadShard]:
     part_file = root.describe(manifest_part_key(index))
-    fix = regenerate_hint(index)
+    fix = regenerate_hint(root, index)
     try:
         part = _manifest.read_part(root, index)
     except Exception as exc:  # unreadable parquet = broken commit marker
