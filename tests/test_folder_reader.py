@@ -580,3 +580,17 @@ def test_bad_collapse_yaml_names_file(tmp_path):
     typo.write_text("name: x\nclases: []\n")
     with pytest.raises(CollapseConfigError, match=r"typo\.yaml"):
         load_collapse(typo)
+
+
+def test_exif_rotation_applied_before_size_checks(tmp_path):
+    a = np.zeros((W, H, 3), np.uint8)  # stored 30 wide x 40 tall
+    a[:5] = 255  # top rows white in storage
+    exif = Image.Exif()
+    exif[0x0112] = 6  # display rotated 90 degrees clockwise -> 40 wide x 30 tall
+    (tmp_path / "images").mkdir()
+    Image.fromarray(a).save(tmp_path / "images" / "r.jpg", exif=exif, quality=95)
+    save(tmp_path / "masks" / "r.png", id_mask(np.zeros((H, W))))  # annotated on the displayed image
+    s = read_labeled_folder(tmp_path, resolution=R, num_classes=1)[0]
+    assert s.meta["original_size"] == (W, H)
+    # the stored top rows end up on the right after rotation, and the 5-column band is cropped away
+    assert s.image.max() < 40
