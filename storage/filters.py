@@ -39,7 +39,11 @@ def read_flags(root: Root) -> dict[str, pd.DataFrame]:
 
 
 def validate_flags(
-    flags: pd.DataFrame, name: str, manifest_columns: list[str], committed_ids: np.ndarray, others: dict[str, pd.DataFrame]
+    flags: pd.DataFrame,
+    name: str,
+    manifest_columns: list[str],
+    committed_ids: np.ndarray,
+    others: dict[str, pd.DataFrame],
 ) -> pd.DataFrame:
     """Check a flags table before it is written; returns a clean copy."""
     where = f"flags for filter {name!r} ({filter_key(name)})"

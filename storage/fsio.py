@@ -39,11 +39,22 @@ class Root:
         """User-facing location of ``relative`` (used in error messages)."""
         return self.url.rstrip("/") + "/" + relative
 
+    def fresh(self, relative: str) -> str:
+        """Key of ``relative`` with any cached listing dropped.
+
+        Object-store filesystems (s3fs, gcsfs) cache directory listings; other
+        processes commit shards concurrently, so commit checks must not be stale.
+        """
+        key = self.key(relative)
+        self.fs.invalidate_cache(key)
+        return key
+
     def exists(self, relative: str) -> bool:
-        return bool(self.fs.exists(self.key(relative)))
+        return bool(self.fs.exists(self.fresh(relative)))
 
     def size(self, relative: str) -> int | None:
         """Size in bytes, or None when the file does not exist."""
+        self.fresh(relative)
         try:
             return int(self.fs.size(self.key(relative)))
         except FileNotFoundError:
@@ -60,12 +71,12 @@ class Root:
         data = self.fs.cat(keys, on_error="raise")
         if len(keys) == 1 and not isinstance(data, dict):
             data = {keys[0]: data}
-        return {r: data[k] for r, k in zip(relatives, keys)}
+        return {r: data[k] for r, k in zip(relatives, keys, strict=True)}
 
     def list_names(self, relative_dir: str) -> list[str]:
         """File names directly under ``relative_dir`` (empty if it does not exist)."""
         try:
-            entries = self.fs.ls(self.key(relative_dir), detail=False)
+            entries = self.fs.ls(self.fresh(relative_dir), detail=False)
         except FileNotFoundError:
             return []
         return sorted(posixpath.basename(str(e).rstrip("/")) for e in entries)

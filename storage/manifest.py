@@ -43,7 +43,9 @@ def rows_frame(rows: pd.DataFrame | Mapping[str, Any], n: int, layout: Layout) -
         raise SampleValidationError(f"rows has {len(frame)} entries but the shard holds {n} samples")
     missing = [c for c in REQUIRED_ROW_COLUMNS if c not in frame.columns]
     if missing:
-        raise SampleValidationError(f"rows is missing required column(s) {missing}; pass seed, score, score_top10 per sample")
+        raise SampleValidationError(
+            f"rows is missing required column(s) {missing}; pass seed, score, score_top10 per sample"
+        )
     reserved = set(COMPUTED_COLUMNS) | set(layout.fraction_columns()) | set(FLAG_COLUMNS)
     clash = sorted(c for c in frame.columns if c in reserved or str(c).startswith("keep_"))
     if clash:
@@ -54,6 +56,8 @@ def rows_frame(rows: pd.DataFrame | Mapping[str, Any], n: int, layout: Layout) -
     seeds = np.asarray(frame["seed"])
     if not np.issubdtype(seeds.dtype, np.integer):
         raise SampleValidationError(f"rows['seed'] must be integers, got dtype {seeds.dtype}")
+    if len(seeds) and (seeds.min() < 0 or int(seeds.max()) > np.iinfo(np.int64).max):
+        raise SampleValidationError("rows['seed'] must be in [0, 2**63) to fit the int64 manifest column")
     return frame
 
 

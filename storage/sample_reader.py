@@ -91,7 +91,8 @@ class SampleReader:
         except Exception as exc:
             if type(exc).__name__ == "ChunkNotFoundError":
                 raise MissingChunkError(
-                    f"{self.root.describe(key)} is missing a chunk (zarr: {exc}). Fix: {regenerate_hint(self.root, index)}"
+                    f"{self.root.describe(key)} is missing a chunk (zarr: {exc}). "
+                    f"Fix: {regenerate_hint(self.root, index)}"
                 ) from exc
             raise CorruptShardError(
                 f"failed to decode {self.root.describe(key)} ({type(exc).__name__}: {exc}). "

@@ -21,6 +21,7 @@ import pandas as pd
 from . import filters as _filters
 from . import manifest as _manifest
 from .errors import (
+    CorruptShardError,
     LayoutMismatchError,
     NotADatasetError,
     ReadOnlyError,
@@ -28,7 +29,6 @@ from .errors import (
     ShardCommittedError,
     ShardIndexError,
     UncommittedShardError,
-    CorruptShardError,
 )
 from .fsio import Root, resolve
 from .hashing import shard_checksums
@@ -162,7 +162,10 @@ class ShardStore:
         return self._layout.num_samples
 
     def __repr__(self) -> str:
-        return f"ShardStore({self.url!r}, num_samples={self.num_samples}, num_shards={self.num_shards}, mode={self.mode!r})"
+        return (
+            f"ShardStore({self.url!r}, num_samples={self.num_samples}, "
+            f"num_shards={self.num_shards}, mode={self.mode!r})"
+        )
 
     def _check_index(self, index: int) -> int:
         if not isinstance(index, (int, np.integer)) or not 0 <= int(index) < self.num_shards:
@@ -258,9 +261,9 @@ class ShardStore:
     def _readback(self, index: int, checksums: list[str]) -> None:
         reader = self._sample_reader()
         reader._checked.discard(index)
-        data = reader.read_shard(index, ["image", "label"] + (["uncertainty"] if "uncertainty" in self._layout.arrays else []))
-        got = shard_checksums(data)
-        bad = [i for i, (a, b) in enumerate(zip(got, checksums)) if a != b]
+        names = [n for n in ("image", "label", "uncertainty") if n in self._layout.arrays]
+        got = shard_checksums(reader.read_shard(index, names))
+        bad = [i for i, (a, b) in enumerate(zip(got, checksums, strict=True)) if a != b]
         if bad:
             raise CorruptShardError(
                 f"read-back of shard {index} ({self.shard_file('image', index)}) does not match what was "

@@ -113,10 +113,10 @@ def _verify_shard(root: Any, layout: Any, reader: SampleReader, index: int) -> l
         return bad
     got = shard_checksums(data)
     want = list(part["checksum"])
-    mismatched = [int(expected_ids[i]) for i, (g, w) in enumerate(zip(got, want)) if g != w]
+    mismatched = [int(expected_ids[i]) for i, (g, w) in enumerate(zip(got, want, strict=True)) if g != w]
     if mismatched:
-        files = ", ".join(root.describe(layout.shard_file_key(n, index)) for n in ("image", "label", "uncertainty") if n in data)
-        bad.append(
-            BadShard(index, files, f"checksum mismatch for sample(s) {mismatched[:8]}{'...' if len(mismatched) > 8 else ''}", fix)
-        )
+        names = [n for n in ("image", "label", "uncertainty") if n in data]
+        files = ", ".join(root.describe(layout.shard_file_key(n, index)) for n in names)
+        more = "..." if len(mismatched) > 8 else ""
+        bad.append(BadShard(index, files, f"checksum mismatch for sample(s) {mismatched[:8]}{more}", fix))
     return bad

@@ -134,14 +134,11 @@ def test_round_trip(url):
                 np.testing.assert_array_equal(got[name], array[j])
             row = manifest.iloc[sample_id]
             assert row["seed"] == rows["seed"][j]
-            assert row["checksum"] == sample_checksum(array_of(samples, "image", j), samples["label"][j], samples["uncertainty"][j])
+            expected = sample_checksum(samples["image"][j], samples["label"][j], samples["uncertainty"][j])
+            assert row["checksum"] == expected
             expected_frac = (samples["label"][j] == 1).mean()
             assert row["frac_car"] == pytest.approx(expected_frac)
     assert verify(url).ok
-
-
-def array_of(samples, name, j):
-    return samples[name][j]
 
 
 def test_float16_heatmap_labels_round_trip(tmp_path):
@@ -204,6 +201,31 @@ def test_uncommitted_shard_is_invisible_and_rewrite_is_idempotent(url, monkeypat
     # no temp files left behind by atomic writes
     fs, root = _fs(url)
     assert [p for p in fs.find(root) if "/." in p[len(root):]] == []
+
+
+def test_concurrent_writers_and_pickling(url):
+    import pickle
+    from concurrent.futures import ThreadPoolExecutor
+
+    store = _create(url)
+    clone = pickle.loads(pickle.dumps(store))  # what a Prefect/Dask task receives
+    with ThreadPoolExecutor(3) as pool:  # one writer per shard, several at once
+        list(pool.map(lambda i: clone.write_shard(i, *make_samples(clone, i)), range(store.num_shards)))
+    assert store.committed_shards() == list(range(5)) and verify(url).ok
+    ds = open_dataset(url).dataset() if _has_torch() else None
+    if ds is not None:
+        ds[0]
+        restored = pickle.loads(pickle.dumps(ds))  # no open zarr handle travels to workers
+        assert restored._reader._reader is None
+        assert restored[0]["sample_id"] == ds[0]["sample_id"]
+
+
+def _has_torch() -> bool:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 # -------------------------------------------------------------------- verify
