@@ -1,0 +1,201 @@
+"""`labelfoundry` command line: the main job (`run`) and the tools around it."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from .env import configure_prefect_env
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="labelfoundry: a labeled-dataset factory on StyleGAN2.")
+console = Console()
+
+FULL_OVERRIDES = {
+    # The headline configuration: more samples and a longer downstream schedule (tens of minutes on CPU).
+    "run_dir": "runs/full",
+    "generate": {"num_samples": 10000},
+    "downstream": {"max_steps": 3000, "test_images": 1000},
+}
+
+
+def _parse_sets(sets: list[str]) -> dict:
+    """`--set generate.num_samples=500` -> {"generate": {"num_samples": 500}} (values parsed as YAML)."""
+    import yaml
+
+    out: dict = {}
+    for s in sets:
+        if "=" not in s:
+            raise typer.BadParameter(f"--set expects key.path=value, got {s!r}")
+        key, val = s.split("=", 1)
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = yaml.safe_load(val)
+    return out
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _check_config(config: Optional[Path], overrides: dict) -> None:
+    from labelfoundry.config import ConfigError, load_config
+
+    try:
+        load_config(config, overrides)
+    except ConfigError as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def run(
+    config: Optional[Path] = typer.Argument(None, help="run config YAML; omit for the built-in demo"),
+    full: bool = typer.Option(False, "--full", help="the headline configuration (10k samples, longer training)"),
+    set_: list[str] = typer.Option([], "--set", help="override a config key: --set generate.num_samples=500"),
+) -> None:
+    """Run the whole factory: invert -> fit -> generate -> filter -> report -> train + evaluate."""
+    overrides = _merge(FULL_OVERRIDES if full else {}, _parse_sets(set_))
+    _check_config(config, overrides)
+    configure_prefect_env()
+    t0 = time.time()
+    console.print("[bold]labelfoundry[/bold]: starting Prefect (local ephemeral API) ...")
+    from .factory import factory
+
+    summary = factory(config=str(config) if config else None, overrides=overrides)
+    console.print_json(json.dumps(summary, default=str))
+    console.print(f"[green]done in {time.time() - t0:.0f} s[/green]; report: {summary.get('report')}")
+
+
+@app.command()
+def generate(
+    config: Optional[Path] = typer.Argument(None, help="run config YAML; omit for the built-in demo"),
+    num_samples: Optional[int] = typer.Option(None, help="override generate.num_samples"),
+    run_dir: Optional[str] = typer.Option(None, help="override run_dir"),
+) -> None:
+    """Generate + filter a dataset (inversion and label generator come from the cache when unchanged)."""
+    _check_config(config, {})
+    configure_prefect_env()
+    from .generate import generate as generate_flow
+
+    summary = generate_flow(config=str(config) if config else None, num_samples=num_samples, run_dir=run_dir)
+    console.print_json(json.dumps(summary, default=str))
+
+
+@app.command()
+def verify(path: str = typer.Argument(..., help="dataset directory or fsspec URL")) -> None:
+    """Re-read every committed shard and check it against the manifest checksums."""
+    import storage
+
+    report = storage.verify(path)
+    console.print(str(report))
+    raise typer.Exit(0 if report.ok else 1)
+
+
+@app.command()
+def show(
+    path: str = typer.Argument(..., help="dataset directory or fsspec URL"),
+    out: Path = typer.Option(Path("dataset-grid.png"), help="where to write the sample grid"),
+    n: int = typer.Option(8, help="samples in the grid"),
+) -> None:
+    """Print a dataset summary and write a sample grid (image | label | overlay | uncertainty)."""
+    import numpy as np
+
+    import storage
+    from labelfoundry.report import sample_grid, save_png
+
+    store = storage.ShardStore.open(path)
+    m = store.manifest()
+    console.print(f"{path}: {len(m)} committed of {store.num_samples} samples in {store.num_shards} shards")
+    if "keep" in m:
+        console.print(f"kept by filter: {int(m['keep'].sum())}")
+    console.print(m.describe().loc[["mean", "min", "max"], ["score", "score_top10"]].to_string())
+    s = [store.read_sample(int(i)) for i in m["sample_id"].head(n)]
+    grid = sample_grid(np.stack([x["image"] for x in s]), np.stack([x["label"] for x in s]),
+                       np.stack([x["uncertainty"] for x in s]) if "uncertainty" in s[0] else None, store.info["schema"]["colors"], max_rows=n)
+    console.print(f"grid: {save_png(grid, out)}")
+
+
+@app.command()
+def sample(
+    generator: str = typer.Argument("toyfaces-64", help="built-in name or checkpoint path"),
+    n: int = typer.Option(64, "--n", help="number of samples"),
+    out: Path = typer.Option(Path("grid.png"), help="output PNG"),
+    psi: float = typer.Option(1.0, help="truncation psi"),
+    seed: int = typer.Option(0, help="first seed"),
+    real: bool = typer.Option(False, help="also write real toy-faces renders next to the samples (<out>-real.png)"),
+) -> None:
+    """Write a grid of generator samples."""
+    import torch
+
+    from labelfoundry.generators import load_generator
+    from labelfoundry.generators.train import save_grid
+
+    G = load_generator(generator)
+    with torch.no_grad():
+        img = G(G.z_from_seeds(list(range(seed, seed + n))), psi=psi)
+    save_grid(out, img)
+    console.print(f"wrote {out}")
+    if real:
+        from labelfoundry.domains import toyfaces
+
+        r = toyfaces.render(toyfaces.split_seeds("test", n), G.resolution)["image"]
+        p = out.with_name(out.stem + "-real.png")
+        save_grid(p, torch.from_numpy(r).permute(0, 3, 1, 2).float() / 127.5 - 1)
+        console.print(f"wrote {p}")
+
+
+@app.command("train-generator")
+def train_generator_cmd(
+    out: Path = typer.Option(Path("runs/generator-toyfaces64"), help="training directory (checkpoints, samples)"),
+    kimg: float = typer.Option(200.0, help="thousands of real images to show D"),
+    device: str = typer.Option("auto", help="cpu | cuda | auto"),
+    export: Optional[Path] = typer.Option(None, help="copy the final G_ema + D here (e.g. the package asset)"),
+    max_minutes: Optional[float] = typer.Option(None, help="stop (resumable) after this many minutes"),
+) -> None:
+    """Train the built-in StyleGAN2 on toy faces (resumes from <out>/checkpoint.pt)."""
+    import shutil
+
+    import torch
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from labelfoundry.generators.train import GeneratorTrainConfig, train_generator
+
+    dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    cfg = GeneratorTrainConfig(total_kimg=kimg)
+    with Progress(TextColumn("[bold]G training"), BarColumn(), TextColumn("{task.fields[info]}"), TimeRemainingColumn()) as bar:
+        t = bar.add_task("train", total=kimg, info="")
+
+        def prog(d: dict) -> None:
+            bar.update(t, completed=d["kimg"], info=f"kimg {d['kimg']:.1f} D {d['loss_d']:.2f} G {d['loss_g']:.2f} {d['img_per_s']:.0f} img/s")
+
+        path = train_generator(cfg, out, device=dev, progress=prog, max_seconds=max_minutes * 60 if max_minutes else None)
+    if export:
+        shutil.copyfile(path, export)
+    console.print(f"generator: {path}")
+
+
+@app.command()
+def convert(src: Path, dst: Path) -> None:
+    """Convert an NVIDIA .pkl / rosinality .pt checkpoint to our safetensors format (never runs code from it)."""
+    from labelfoundry.generators.loaders import convert_checkpoint
+
+    convert_checkpoint(src, dst)
+    console.print(f"wrote {dst}")
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

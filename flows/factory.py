@@ -1,0 +1,126 @@
+"""The factory flow: invert -> fit -> generate -> filter -> report (-> train + evaluate).
+
+Each stage is a cached Prefect task (see tasks/common.py): re-running a config does no model work,
+changing one section re-runs that stage and what follows. Artifacts travel as (path, hash).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+from prefect import flow, get_run_logger, unmapped
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.futures import as_completed
+
+from labelfoundry.config import RunConfig, load_config
+from tasks.common import Artifact, cached, code_version, generator_hash, load_generator_cached, load_labeler_cached
+from tasks.filter import filter_task, manifest_hash
+from tasks.fit import fit_task
+from tasks.generate import dataset_path, generate_shards_task, prepare_store
+from tasks.invert import invert_task
+from tasks.report import report_task
+
+from .runners import make_task_runner
+
+
+def run_stage(task, run_dir: Path, **kwargs) -> Artifact:
+    """Run a cached stage; if its cached artifact went missing or changed on disk, recompute it."""
+    art = cached(task, run_dir)(**kwargs)
+    if not art.exists_unchanged():
+        get_run_logger().warning("cached %s artifact %s is missing or changed; recomputing", task.name, art.path)
+        art = cached(task, run_dir, refresh=True)(**kwargs)
+    return art
+
+
+@flow(name="generate-shards")
+def generate_subflow(
+    run_dir: str, store_path: str, groups: list[list[int]], generator: str, generator_hash_: str,
+    labeler: Artifact, gen_cfg: dict, seed: int, device: str, torch_threads: int, code_version_: str,
+) -> None:
+    """Map one task per shard group over the configured task runner, with a progress artifact."""
+    log = get_run_logger()
+    progress_id = create_progress_artifact(0.0, key="generation-progress", description=f"shards committed in {store_path}")
+    task_ = cached(generate_shards_task, run_dir, tags=["gpu"] if device == "cuda" else [])
+    futures = task_.map(
+        store_path=unmapped(store_path), shard_indices=groups, generator=unmapped(generator),
+        generator_hash=unmapped(generator_hash_), labeler=unmapped(labeler), gen_cfg=unmapped(gen_cfg),
+        run_seed=unmapped(seed), code_version=unmapped(code_version_), device=unmapped(device),
+        torch_threads=unmapped(torch_threads),
+    )
+    done = 0
+    for fut in as_completed(futures):
+        fut.result()
+        done += 1
+        update_progress_artifact(progress_id, 100.0 * done / len(groups))
+        if done % max(1, len(groups) // 10) == 0 or done == len(groups):
+            log.info("generation: %d / %d shard groups", done, len(groups))
+
+
+def generate_stage(cfg: RunConfig, run_dir: Path, gh: str, labeler: Artifact, device: str, cv: str) -> str:
+    """Create/reopen the store, generate what is not committed yet, and check every shard committed."""
+    import storage
+
+    G = load_generator_cached(cfg.generator.name, device)
+    lab = load_labeler_cached(labeler.path, labeler.hash, device)
+    gen_cfg = cfg.generate.model_dump()
+    path = dataset_path(str(run_dir), gh, labeler, gen_cfg, cfg.seed)
+    provenance = {
+        "generator": cfg.generator.name, "generator_hash": gh, "labeler": lab.name, "labeler_hash": labeler.hash,
+        "generate": gen_cfg, "seed": cfg.seed, "code_version": cv, "task": lab.cfg.task,
+    }
+    store = prepare_store(path, G, lab, gen_cfg, provenance)
+    k = cfg.generate.shards_per_task
+    groups = [list(range(i, min(i + k, store.num_shards))) for i in range(0, store.num_shards, k)]
+    runner = make_task_runner(cfg.runner)
+    args = dict(run_dir=str(run_dir), store_path=path, generator=cfg.generator.name, generator_hash_=gh, labeler=labeler,
+                gen_cfg=gen_cfg, seed=cfg.seed, device=device, torch_threads=cfg.runner.torch_threads, code_version_=cv)
+    generate_subflow.with_options(task_runner=runner)(groups=groups, **args)
+    missing = storage.ShardStore.open(path).uncommitted_shards()
+    if missing:  # a cached task whose shard was deleted since: regenerate without the cache
+        get_run_logger().warning("shards %s not committed after generation; regenerating them", missing[:10])
+        cached(generate_shards_task, run_dir, refresh=True)(
+            store_path=path, shard_indices=missing, generator=cfg.generator.name, generator_hash=gh, labeler=labeler,
+            gen_cfg=gen_cfg, run_seed=cfg.seed, code_version=cv, device=device, torch_threads=cfg.runner.torch_threads,
+        )
+    return path
+
+
+@flow(name="factory", log_prints=True)
+def factory(config: str | None = None, overrides: dict | None = None, stop_after: str | None = None) -> dict:
+    """The whole factory for one run config (YAML path; None = built-in demo) + nested overrides.
+
+    stop_after: "fit" / "filter" to end early (the `generate` flow stops after "filter").
+    """
+    cfg = load_config(config, overrides)
+    log = get_run_logger()
+    run_dir = Path(cfg.run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    device = cfg.resolved_device()
+    cv = code_version()
+    gh = generator_hash(cfg.generator.name)
+    log.info("run %s in %s on %s (code %s)", cfg.name, run_dir, device, cv)
+
+    inverted = run_stage(
+        invert_task, run_dir, run_dir=str(run_dir), generator=cfg.generator.name, generator_hash=gh,
+        labeled_cfg=cfg.labeled.model_dump(), inversion_cfg=cfg.inversion.model_dump(), code_version=cv, device=device,
+    )
+    labeler = run_stage(
+        fit_task, run_dir, run_dir=str(run_dir), generator=cfg.generator.name, generator_hash=gh, inverted=inverted,
+        labeler_cfg=cfg.labeler.model_dump(), code_version=cv, device=device,
+    )
+    summary: dict = {"run_dir": str(run_dir), "inversion": inverted.model_dump(), "labeler": labeler.model_dump()}
+    if stop_after != "fit":
+        store_path = generate_stage(cfg, run_dir, gh, labeler, device, cv)
+        mh = manifest_hash(store_path)
+        counts = cached(filter_task, run_dir)(store_path=store_path, manifest_hash_=mh, filter_cfg=cfg.filter.model_dump(), code_version=cv)
+        report = cached(report_task, run_dir)(run_dir=str(run_dir), store_path=store_path, manifest_hash_=mh, counts=counts, code_version=cv)
+        summary.update({"dataset": store_path, "filter": counts, "report": report})
+        if stop_after != "filter" and cfg.downstream.enabled:
+            from tasks.evaluate import evaluate_stage
+
+            summary["evaluation"] = evaluate_stage(cfg, run_dir, inverted, store_path, mh, device, cv)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary

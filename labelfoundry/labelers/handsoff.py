@@ -1,0 +1,285 @@
+"""HandsOff label generator: an ensemble of M pixel MLPs over generator features (paper 000, §3).
+
+All M members run as one batched op. The first layer is the factorized projection of
+`labelfoundry.features` (never a full-resolution hypercolumn); the rest of each member
+(BN + ReLU, H1 -> H2, BN + ReLU, H2 -> K) runs on the pixels of one spatial tile at a time.
+Training samples pixels on the fly from features regenerated from the cached ws; each member
+draws its own pixels, which keeps the members diverse (their disagreement is the uncertainty).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from ..features import FactorizedProjection, TapSpec, generate_with_taps, pixel_grid
+from ..uncertainty import image_scores, js_divergence, member_variance
+from .base import GenBatch, LabelBatch
+
+Task = Literal["segmentation", "keypoints", "depth"]
+
+
+class HandsOffConfig(BaseModel):
+    """Label-generator hyper-parameters; defaults from HandsOff App. B.3/B.5."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    task: Task = "segmentation"
+    members: int = Field(10, ge=1)
+    hidden: tuple[int, int] = (256, 32)
+    lr: float = 1e-3
+    epochs: float = Field(4.0, description="passes over all labeled pixels, per member")
+    min_steps: int = 300
+    images_per_step: int = 4
+    pixels_per_image: int = 512
+    class_balanced: bool = False
+    keypoint_sigma: float = Field(2.0, description="heatmap std in pixels at the generator's resolution")
+    tap_layers: tuple[int, ...] | None = None
+    tap_max_channels: int | None = None
+    include_rgb: bool = False
+    tile_pixels: int = 16384
+    seed: int = 0
+
+    @property
+    def tap_spec(self) -> TapSpec:
+        return TapSpec(self.tap_layers, self.tap_max_channels, self.include_rgb)
+
+
+class EnsembleMLP(nn.Module):
+    """M members of Linear(C,H1)-BN-ReLU-Linear(H1,H2)-BN-ReLU-Linear(H2,K), the first factorized."""
+
+    def __init__(self, tap_channels: list[int], members: int, hidden: tuple[int, int], out: int):
+        super().__init__()
+        h1, h2 = hidden
+        self.members, self.h1, self.h2, self.out = members, h1, h2, out
+        self.proj = FactorizedProjection(tap_channels, members, h1)
+        self.bn1 = nn.BatchNorm1d(members * h1)
+        self.w2 = nn.Parameter(torch.empty(members, h2, h1))
+        self.b2 = nn.Parameter(torch.empty(members, h2))
+        self.bn2 = nn.BatchNorm1d(members * h2)
+        self.w3 = nn.Parameter(torch.empty(members, out, h2))
+        self.b3 = nn.Parameter(torch.empty(members, out))
+        for w, b, fan_in in ((self.w2, self.b2, h1), (self.w3, self.b3, h2)):
+            for m in range(members):
+                nn.init.kaiming_uniform_(w[m], a=5**0.5)
+            nn.init.uniform_(b, -1 / fan_in**0.5, 1 / fan_in**0.5)
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """First-layer pre-activations (P, M, H1) -> outputs (P, M, K)."""
+        p = h.shape[0]
+        h = F.relu(self.bn1(h.reshape(p, -1))).reshape(p, self.members, self.h1)
+        h = torch.einsum("pmi,moi->pmo", h, self.w2) + self.b2
+        h = F.relu(self.bn2(h.reshape(p, -1))).reshape(p, self.members, self.h2)
+        return torch.einsum("pmi,moi->pmo", h, self.w3) + self.b3
+
+
+def _targets(task: Task, masks=None, keypoints=None, depth=None, depth_valid=None, num_classes=None, sigma=2.0, res=None):
+    """Dense per-pixel targets (N, C, R, R) and a weight map (N, R, R) (0 = ignore)."""
+    if task == "segmentation":
+        m = torch.as_tensor(masks).long()
+        return m.unsqueeze(1).float(), torch.ones(m.shape, dtype=torch.float32)
+    if task == "keypoints":
+        from ..segmenters.heatmaps import keypoint_heatmaps
+
+        kp = torch.as_tensor(keypoints, dtype=torch.float32)
+        hm = torch.stack([keypoint_heatmaps(k, res, res, sigma) for k in kp])
+        return hm, torch.ones(hm.shape[0], res, res)
+    d = torch.as_tensor(depth, dtype=torch.float32)
+    valid = torch.ones_like(d) if depth_valid is None else torch.as_tensor(depth_valid).float()
+    return d.unsqueeze(1), valid
+
+
+class HandsOffLabeler(nn.Module):
+    """Fitted label generator; `label()` turns a generated batch into labels + uncertainty."""
+
+    name = "handsoff"
+
+    def __init__(self, cfg: HandsOffConfig, tap_channels: list[int], resolution: int, num_outputs: int, meta: dict | None = None):
+        super().__init__()
+        self.cfg, self.resolution, self.num_outputs = cfg, resolution, num_outputs
+        self.tap_channels = list(tap_channels)
+        self.meta = dict(meta or {})
+        self.net = EnsembleMLP(self.tap_channels, cfg.members, cfg.hidden, num_outputs)
+
+    @property
+    def tap_spec(self) -> TapSpec:
+        return self.cfg.tap_spec
+
+    # ---------------------------------------------------------------- fitting
+    @classmethod
+    def fit(
+        cls,
+        G,
+        ws: torch.Tensor,
+        cfg: HandsOffConfig,
+        *,
+        masks=None,
+        num_classes: int | None = None,
+        keypoints=None,
+        depth=None,
+        depth_valid=None,
+        device: str | torch.device = "cpu",
+        progress: Callable[[dict], None] | None = None,
+        tap_cache_mb: float = 1024.0,
+    ) -> "HandsOffLabeler":
+        """Fit on inverted latents `ws` (N, num_ws, w_dim) and their labels at the generator's resolution.
+
+        masks int (N,R,R) for segmentation; keypoints (N,K,3) (x, y, visible) for keypoints;
+        depth (N,R,R) + depth_valid for depth. Taps are regenerated from ws per step unless all of
+        them fit in `tap_cache_mb`, in which case they are computed once.
+        """
+        dev = torch.device(device)
+        R = G.resolution
+        n = ws.shape[0]
+        if n == 0:
+            raise ValueError("HandsOff needs at least one labeled image")
+        spec = cfg.tap_spec
+        tap_ch = spec.channels(G.tap_channels)
+        if cfg.task == "segmentation":
+            if masks is None or num_classes is None:
+                raise ValueError("segmentation needs masks and num_classes")
+            out = num_classes
+        elif cfg.task == "keypoints":
+            if keypoints is None:
+                raise ValueError("the keypoints task needs keypoints (N, K, 3)")
+            out = int(torch.as_tensor(keypoints).shape[1])
+        else:
+            if depth is None:
+                raise ValueError("the depth task needs depth maps")
+            out = 1
+        target, weight = _targets(cfg.task, masks, keypoints, depth, depth_valid, num_classes, cfg.keypoint_sigma, R)
+        if target.shape[-2:] != (R, R):
+            raise ValueError(f"labels are {tuple(target.shape[-2:])} but the generator makes {R}x{R} images")
+        if cfg.task == "segmentation":
+            bad = (target < 0) | (target >= num_classes)
+            if bad.any():
+                raise ValueError(f"mask ids outside [0, {num_classes}): {sorted(set(target[bad].long().tolist()))[:10]}")
+            if cfg.class_balanced:
+                counts = torch.bincount(target.long().flatten(), minlength=num_classes).float()
+                inv = 1.0 / counts.clamp(min=1.0)
+                weight = inv[target.long().squeeze(1)] * weight
+        self = cls(cfg, tap_ch, R, out, meta={"num_classes": num_classes})
+        self.to(dev).train()
+        G = G.to(dev).eval()
+        ws = ws.to(dev)
+
+        tap_floats = sum(t[0].numel() for t in generate_with_taps(G, ws[:1], spec)[1])
+        cache = None
+        if n * tap_floats * 4 / 2**20 <= tap_cache_mb:
+            cache = [generate_with_taps(G, ws[i : i + 8], spec)[1] for i in range(0, n, 8)]
+            cache = [torch.cat([c[j] for c in cache]) for j in range(len(tap_ch))]
+
+        total_px = float(weight.gt(0).sum())
+        px_per_step = cfg.images_per_step * cfg.pixels_per_image
+        steps = max(cfg.min_steps, math.ceil(cfg.epochs * total_px / px_per_step))
+        opt = torch.optim.Adam(self.net.parameters(), lr=cfg.lr)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        target = target.to(dev)
+        M, P = cfg.members, cfg.pixels_per_image
+        t0 = time.time()
+        for step in range(steps):
+            b = min(cfg.images_per_step, n)
+            idx_cpu = torch.randperm(n, generator=gen)[:b]
+            idx = idx_cpu.to(dev)
+            taps = [t[idx] for t in cache] if cache is not None else generate_with_taps(G, ws[idx], spec)[1]
+            # Each member draws its own pixels (weighted: class balance / valid depth), on the CPU RNG.
+            wmap = weight[idx_cpu].flatten(1).repeat_interleave(M, 0)  # (b*M, R*R)
+            flat = torch.multinomial(wmap, P, replacement=True, generator=gen).reshape(b, M, P).to(dev)
+            ys, xs = flat // R, flat % R
+            grid = pixel_grid(ys, xs, R)  # (b, M, P, 2)
+            projected = self.net.proj.project_taps(taps)
+            h = self.net.proj.gather_per_member(projected, grid)  # (b, M, P, H1)
+            h = h.permute(0, 2, 1, 3).reshape(b * P, M, -1)
+            pred = self.net.head(h).reshape(b, P, M, out).permute(0, 2, 1, 3)  # (b, M, P, K)
+            tgt = torch.gather(target[idx].flatten(2), 2, flat.reshape(b, 1, M * P).expand(-1, target.shape[1], -1))
+            tgt = tgt.reshape(b, -1, M, P).permute(0, 2, 3, 1)  # (b, M, P, C)
+            if cfg.task == "segmentation":
+                loss = F.cross_entropy(pred.reshape(-1, out), tgt.reshape(-1).long(), reduction="mean") * M
+            else:
+                loss = F.mse_loss(pred, tgt, reduction="mean") * M
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if progress is not None and (step % 50 == 0 or step == steps - 1):
+                progress({"step": step + 1, "steps": steps, "loss": loss.item() / M, "seconds": time.time() - t0})
+        self.meta.update({"steps": steps, "final_loss": loss.item() / M, "num_images": n})
+        return self.eval()
+
+    # ---------------------------------------------------------------- labeling
+    @torch.no_grad()
+    def member_outputs(self, taps: list[torch.Tensor], ys: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
+        """Outputs of every member at pixels (ys, xs) (N, P) -> (N, P, M, K)."""
+        projected = self.net.proj.project_taps(taps)
+        h = self.net.proj.gather(projected, pixel_grid(ys, xs, self.resolution))
+        n, p = h.shape[:2]
+        return self.net.head(h.reshape(n * p, self.cfg.members, -1)).reshape(n, p, self.cfg.members, -1)
+
+    @torch.no_grad()
+    def label(self, batch: GenBatch) -> LabelBatch:
+        """Label a generated batch, tile by tile; peak memory is bounded by `cfg.tile_pixels`."""
+        self.eval()
+        taps = batch.taps
+        n, R, dev = taps[0].shape[0], self.resolution, taps[0].device
+        projected = self.net.proj.project_taps(taps)
+        M, K = self.cfg.members, self.num_outputs
+        rows = max(1, min(R, self.cfg.tile_pixels // (R * max(n, 1))))
+        seg = self.cfg.task == "segmentation"
+        label = torch.empty((n, R, R) if seg else (n, K, R, R), dtype=torch.uint8 if seg else torch.float32, device=dev)
+        unc = torch.empty(n, R, R, device=dev)
+        xs_row = torch.arange(R, device=dev)
+        for y0 in range(0, R, rows):
+            y1 = min(R, y0 + rows)
+            ys, xs = torch.meshgrid(torch.arange(y0, y1, device=dev), xs_row, indexing="ij")
+            ys, xs = ys.reshape(1, -1).expand(n, -1), xs.reshape(1, -1).expand(n, -1)
+            h = self.net.proj.gather(projected, pixel_grid(ys, xs, R))
+            p = h.shape[1]
+            out = self.net.head(h.reshape(n * p, M, -1)).reshape(n, y1 - y0, R, M, K)
+            if seg:
+                probs = out.softmax(-1)
+                label[:, y0:y1] = probs.mean(-2).argmax(-1).to(torch.uint8)
+                unc[:, y0:y1] = js_divergence(probs)
+            else:
+                label[:, :, y0:y1] = out.mean(-2).permute(0, 3, 1, 2)
+                unc[:, y0:y1] = member_variance(out)
+        score, top10 = image_scores(unc)
+        return LabelBatch(label=label, uncertainty=unc, score=score, score_top10=top10)
+
+    # ---------------------------------------------------------------- persistence
+    def save(self, path: str | os.PathLike) -> None:
+        """safetensors weights + JSON config; written atomically."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = {
+            "format": "labelfoundry-handsoff", "version": "1", "config": self.cfg.model_dump_json(),
+            "tap_channels": json.dumps(self.tap_channels), "resolution": str(self.resolution),
+            "num_outputs": str(self.num_outputs), "meta": json.dumps(self.meta),
+        }
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "HandsOffLabeler":
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != "labelfoundry-handsoff":
+                raise ValueError(f"{path}: not a HandsOff labeler file (format={meta.get('format')!r})")
+            state = {k: f.get_tensor(k) for k in f.keys()}
+        self = cls(
+            HandsOffConfig.model_validate_json(meta["config"]), json.loads(meta["tap_channels"]),
+            int(meta["resolution"]), int(meta["num_outputs"]), json.loads(meta["meta"]),
+        )
+        self.load_state_dict(state)
+        return self.to(device).eval()

@@ -1,0 +1,101 @@
+"""Pictures and tables for humans: sample grids, uncertainty histograms, per-class counts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def colorize(mask: np.ndarray, colors) -> np.ndarray:
+    """Class ids (H,W) -> RGB uint8 (H,W,3) with the schema's colours."""
+    pal = np.asarray(colors, dtype=np.uint8)
+    return pal[np.clip(mask.astype(np.int64), 0, len(pal) - 1)]
+
+
+def heat(u: np.ndarray, vmax: float | None = None) -> np.ndarray:
+    """Uncertainty (H,W) -> RGB uint8 via a perceptual colormap."""
+    import matplotlib
+
+    v = u.astype(np.float32) / (vmax if vmax else max(float(u.max()), 1e-6))
+    return (matplotlib.colormaps["magma"](np.clip(v, 0, 1))[..., :3] * 255).astype(np.uint8)
+
+
+def sample_grid(images, labels=None, uncertainty=None, colors=None, max_rows: int = 8, scale: int = 2) -> np.ndarray:
+    """Rows of [image | mask overlay | uncertainty] for up to `max_rows` samples, as one RGB array."""
+    rows = []
+    vmax = float(np.max(uncertainty[:max_rows])) if uncertainty is not None else None
+    for i in range(min(max_rows, len(images))):
+        img = images[i]
+        cells = [img]
+        if labels is not None and labels[i].ndim == 2:
+            over = (0.45 * img + 0.55 * colorize(labels[i], colors)).astype(np.uint8)
+            cells += [colorize(labels[i], colors), over]
+        elif labels is not None:  # heatmaps / depth: show the channel maximum
+            cells.append(heat(labels[i].max(0)))
+        if uncertainty is not None:
+            cells.append(heat(uncertainty[i].astype(np.float32), vmax))
+        rows.append(np.concatenate(cells, axis=1))
+    grid = np.concatenate(rows, axis=0)
+    return np.kron(grid, np.ones((scale, scale, 1), dtype=np.uint8)) if scale > 1 else grid
+
+
+def save_png(array: np.ndarray, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+    return path
+
+
+def histogram_png(values: np.ndarray, path: str | Path, title: str, cut: float | None = None) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3), dpi=100)
+    ax.hist(values, bins=40, color="#4477aa")
+    if cut is not None:
+        ax.axvline(cut, color="#cc3311", linestyle="--", label="filter cut")
+        ax.legend()
+    ax.set_title(title)
+    ax.set_xlabel("image uncertainty score")
+    ax.set_ylabel("samples")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def bar_png(names: list[str], series: dict[str, list[float]], path: str | Path, title: str, ylabel: str) -> Path:
+    """Grouped bars, e.g. per-class IoU per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(5, len(names) * 0.8), 3.2), dpi=100)
+    width = 0.8 / max(1, len(series))
+    x = np.arange(len(names))
+    for j, (label, vals) in enumerate(series.items()):
+        ax.bar(x + j * width, [np.nan if v is None else v for v in vals], width, label=label)
+    ax.set_xticks(x + 0.4 - width / 2, names, rotation=30, ha="right")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    def fmt(v):
+        return f"{v:.3f}" if isinstance(v, float) else ("—" if v is None else str(v))
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows]
+    return "\n".join(lines)

@@ -1,0 +1,95 @@
+"""What every stage task shares: artifacts passed as (path, hash), cache policy under the run dir,
+and a per-process model cache so threads/workers load each checkpoint once."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import threading
+from pathlib import Path
+
+import torch
+from prefect.cache_policies import INPUTS, TASK_SOURCE
+from pydantic import BaseModel
+
+import labelfoundry
+
+
+class Artifact(BaseModel):
+    """A stage output: where it is and what its content hash is (what downstream cache keys use)."""
+
+    path: str
+    hash: str
+
+    def exists_unchanged(self) -> bool:
+        p = Path(self.path)
+        return p.exists() and (p.is_dir() or file_hash(p) == self.hash)
+
+
+def file_hash(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+    return h.hexdigest()
+
+
+@functools.cache
+def code_version() -> str:
+    """Package version + a hash of the core sources: a code change invalidates cached stages."""
+    h = hashlib.sha256()
+    root = Path(labelfoundry.__file__).parent
+    for p in sorted(root.rglob("*.py")):
+        h.update(p.relative_to(root).as_posix().encode())
+        h.update(p.read_bytes())
+    return f"{labelfoundry.__version__}+{h.hexdigest()[:12]}"
+
+
+def cached(task, run_dir: str | Path, refresh: bool = False, **options):
+    """The task with our cache policy: its inputs (config section, upstream hashes, code version)
+    plus its source, with cache records and results kept under the run directory."""
+    run_dir = Path(run_dir).resolve()
+    policy = (INPUTS + TASK_SOURCE).configure(key_storage=str(run_dir / ".prefect" / "cache"))
+    return task.with_options(
+        cache_policy=policy,
+        result_storage=run_dir / ".prefect" / "results",
+        persist_result=True,
+        refresh_cache=refresh,
+        **options,
+    )
+
+
+_MODELS: dict[tuple, object] = {}
+_LOCK = threading.Lock()
+
+
+def load_generator_cached(name: str, device: str):
+    from labelfoundry.generators import load_generator
+
+    key = ("G", name, device)
+    with _LOCK:
+        if key not in _MODELS:
+            _MODELS[key] = load_generator(name, device=device)
+        return _MODELS[key]
+
+
+def load_labeler_cached(path: str, hash_: str, device: str):
+    from labelfoundry.labelers import load_labeler
+
+    key = ("L", path, hash_, device)
+    with _LOCK:
+        if key not in _MODELS:
+            _MODELS[key] = load_labeler(path, device=device)
+        return _MODELS[key]
+
+
+def generator_hash(name: str) -> str:
+    """Content hash of the generator checkpoint (built-in names resolve to the shipped file)."""
+    from labelfoundry.generators import resolve_generator_path
+
+    return file_hash(resolve_generator_path(name))
+
+
+def set_threads(n: int) -> None:
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)

@@ -1,0 +1,48 @@
+"""Stage 1: read the labeled images and invert them into W+ latents."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from prefect import get_run_logger, task
+
+from labelfoundry.domains import load_labeled
+from labelfoundry.inversion.optimize import InversionConfig, invert
+from labelfoundry.report import sample_grid, save_png
+
+from .common import Artifact, file_hash, load_generator_cached
+
+
+@task(name="invert", retries=1)
+def invert_task(
+    run_dir: str, generator: str, generator_hash: str, labeled_cfg: dict, inversion_cfg: dict, code_version: str, device: str
+) -> Artifact:
+    """Writes invert/labeled.npz (the labeled set at generator resolution, with ids) and
+    invert/inversion.pt (ids, W+, reconstructions, losses, poor-reconstruction flags)."""
+    from labelfoundry.config import LabeledSection
+
+    log = get_run_logger()
+    G = load_generator_cached(generator, device)
+    section = LabeledSection.model_validate(labeled_cfg)
+    samples, schema = load_labeled(section, G.resolution)
+    out = Path(run_dir) / "invert"
+    out.mkdir(parents=True, exist_ok=True)
+    images = np.stack([s.image for s in samples])
+    payload = {"ids": np.array([s.sample_id for s in samples]), "image": images}
+    for field in ("mask", "keypoints", "depth", "depth_valid"):
+        vals = [getattr(s, field) for s in samples]
+        if all(v is not None for v in vals):
+            payload[field] = np.stack(vals)
+    np.savez_compressed(out / "labeled.npz", **payload)
+    (out / "schema.json").write_text(json.dumps(schema.to_json()))
+    cfg = InversionConfig.model_validate(inversion_cfg)
+    res = invert(G, images, cfg, ids=[s.sample_id for s in samples], device=device,
+                 progress=lambda d: log.info("inversion %s", d))
+    res.save(out / "inversion.pt")
+    save_png(np.concatenate([images[:8], res.recon[:8]], axis=2).reshape(-1, images.shape[2] * 2, 3), out / "reconstructions.png")
+    if res.flagged.any():
+        log.warning("poor reconstructions (loss > %.1fx median): %s", cfg.flag_factor, [i for i, f in zip(res.ids, res.flagged) if f])
+    log.info("inverted %d images: mean loss %.4f", len(samples), float(res.loss.mean()))
+    return Artifact(path=str(out / "inversion.pt"), hash=file_hash(out / "inversion.pt") + file_hash(out / "labeled.npz")[:16])

@@ -1,0 +1,57 @@
+"""Stage 5: the run report — sample grid, uncertainty histogram, per-class counts — as PNG files in
+the run directory and as Prefect artifacts in the UI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from prefect import task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+import storage
+from labelfoundry.report import histogram_png, markdown_table, sample_grid, save_png
+
+
+def dataset_report(store_path: str, out_dir: Path, counts: dict, max_rows: int = 8) -> str:
+    """Write report PNGs for a generated dataset and return its markdown."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    store = storage.ShardStore.open(store_path)
+    m = store.manifest()
+    schema = store.info["schema"]
+    kept = m[m["keep"]] if "keep" in m else m
+    dropped = m[~m["keep"]] if "keep" in m else m.iloc[:0]
+    picks = {"kept": kept.sort_values("sample_id").head(max_rows), "most-uncertain": dropped.sort_values("score", ascending=False).head(4)}
+    lines = [f"# Dataset `{store_path}`", "", markdown_table(list(counts), [list(counts.values())]), ""]
+    for name, rows in picks.items():
+        if rows.empty:
+            continue
+        s = [store.read_sample(int(i)) for i in rows["sample_id"]]
+        grid = sample_grid(
+            np.stack([x["image"] for x in s]), np.stack([x["label"] for x in s]),
+            np.stack([x["uncertainty"] for x in s]) if "uncertainty" in s[0] else None, schema["colors"],
+        )
+        p = save_png(grid, out_dir / f"samples-{name}.png")
+        lines += [f"## {name} samples (image | label | overlay | uncertainty)", f"![{name}]({p.resolve().as_uri()})", ""]
+    cut = float(kept["score"].max()) if len(dropped) else None
+    h = histogram_png(m["score"].to_numpy(), out_dir / "uncertainty-hist.png", "image uncertainty (JS, summed)", cut)
+    lines += ["## Uncertainty", f"![histogram]({h.resolve().as_uri()})", ""]
+    rows = []
+    for cls in schema["class_names"]:
+        col = f"frac_{cls}"
+        if col in m:
+            rows.append([cls, int((kept[col] > 0).sum()), float(kept[col].mean())])
+    if rows:
+        lines += ["## Classes in kept samples", markdown_table(["class", "samples containing it", "mean pixel fraction"], rows)]
+    md = "\n".join(lines)
+    (out_dir / "dataset.md").write_text(md)
+    return md
+
+
+@task(name="report")
+def report_task(run_dir: str, store_path: str, manifest_hash_: str, counts: dict, code_version: str) -> str:
+    out = Path(run_dir) / "report"
+    md = dataset_report(store_path, out, counts)
+    create_markdown_artifact(md, key="dataset-report", description="generated dataset: samples, uncertainty, classes")
+    create_table_artifact([counts], key="filter-counts", description="samples kept / dropped by the filter")
+    return str(out / "dataset.md")
