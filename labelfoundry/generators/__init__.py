@@ -1,0 +1,22 @@
+"""StyleGAN2 generators: our implementation, our checkpoint format, and loaders for public formats."""
+
+from .discriminator import Discriminator, DiscriminatorConfig
+from .io import load_own, save_generator
+from .loaders import ACCEPTED_FORMATS, BUILTIN_MODELS, UnsupportedNetworkError, convert_checkpoint, load_generator
+from .safe_pickle import UnsafeCheckpointError
+from .stylegan2 import Generator, StyleGAN2Config
+
+__all__ = [
+    "ACCEPTED_FORMATS",
+    "BUILTIN_MODELS",
+    "Discriminator",
+    "DiscriminatorConfig",
+    "Generator",
+    "StyleGAN2Config",
+    "UnsafeCheckpointError",
+    "UnsupportedNetworkError",
+    "convert_checkpoint",
+    "load_generator",
+    "load_own",
+    "save_generator",
+]
