@@ -266,10 +266,14 @@ def _nvidia_generator(stub: Any, path: Path, key: str) -> Generator:
     if b4_conv1 is not None:
         conv_clamp = sp.stub_state(b4_conv1).get("conv_clamp", conv_clamp)
 
+    num_fp16_res = syn_kwargs.get("num_fp16_res")
+    if num_fp16_res is None:  # not recorded: count the blocks that were built for fp16
+        num_fp16_res = sum(bool(sp.stub_state(syn_kids[f"b{r}"]).get("use_fp16")) for r in block_res)
+
     cfg = StyleGAN2Config(
         resolution=resolution, z_dim=z_dim, w_dim=w_dim, img_channels=img_channels, map_layers=map_layers,
         mapping_lr_mult=float(lr_mult), channel_base=int(syn_kwargs.get("channel_base", 32768)),
-        channel_max=int(syn_kwargs.get("channel_max", 512)), num_fp16_res=int(syn_kwargs.get("num_fp16_res", 0) or 0),
+        channel_max=int(syn_kwargs.get("channel_max", 512)), num_fp16_res=int(num_fp16_res),
         conv_clamp=_num(conv_clamp), w_avg_beta=float(w_avg_beta) if w_avg_beta is not None else 0.995,
         channels={r: int(sd[f"synthesis.b{r}.conv1.weight"].shape[0]) for r in block_res},
     )

@@ -176,7 +176,8 @@ def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=Fals
     _check_geometry(storage_offset, size, stride)
     meta = metadata if isinstance(metadata, dict) else None
     # Hooks are never restored (they would be callables); requires_grad is irrelevant for inference.
-    return torch._utils._rebuild_tensor_v2(storage, storage_offset, tuple(size), tuple(stride), False, collections.OrderedDict(), meta)
+    hooks = collections.OrderedDict()
+    return torch._utils._rebuild_tensor_v2(storage, storage_offset, tuple(size), tuple(stride), False, hooks, meta)
 
 
 def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, backward_hooks, dtype, metadata=None):
@@ -185,7 +186,8 @@ def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, bac
     if not isinstance(dtype, torch.dtype):
         raise pickle.UnpicklingError("malformed tensor dtype in pickle")
     meta = metadata if isinstance(metadata, dict) else None
-    return torch._utils._rebuild_tensor_v3(storage, storage_offset, tuple(size), tuple(stride), False, collections.OrderedDict(), dtype, meta)
+    hooks = collections.OrderedDict()
+    return torch._utils._rebuild_tensor_v3(storage, storage_offset, tuple(size), tuple(stride), False, hooks, dtype, meta)
 
 
 def _rebuild_tensor(storage, storage_offset, size, stride):
@@ -272,7 +274,10 @@ def _codecs_encode(obj, encoding="utf-8"):
 def _copyreg_reconstructor(cls, base, state):
     if not (isinstance(cls, type) and issubclass(cls, (ModuleStub, _EasyDict))) or base not in (object, dict):
         raise pickle.UnpicklingError("copyreg._reconstructor of a non-stub class")
-    return cls.__new__(cls)
+    obj = cls.__new__(cls)
+    if base is dict and isinstance(obj, dict) and isinstance(state, dict):  # protocol 0/1 dict subclasses
+        obj.update(state)
+    return obj
 
 
 def _reconstruct_persistent_obj(meta):
@@ -374,7 +379,7 @@ def load_network_pickle(path: str | os.PathLike) -> Any:
             return SafeNetworkUnpickler(f, source=str(path)).load()
         except UnsafeCheckpointError:
             raise
-        except (pickle.UnpicklingError, EOFError, TypeError, ValueError, AttributeError, IndexError, KeyError) as e:
+        except (pickle.UnpicklingError, EOFError, TypeError, ValueError, AttributeError, IndexError, KeyError, RuntimeError) as e:
             raise ValueError(f"{path}: not a readable NVIDIA network pickle ({type(e).__name__}: {e})") from e
 
 
@@ -416,6 +421,9 @@ def module_state_dict(obj: Any, prefix: str = "", _depth: int = 0) -> dict[str, 
     st = stub_state(obj)
     skip = st.get("_non_persistent_buffers_set") or set()
     out: dict[str, torch.Tensor] = {}
+    for group in ("_parameters", "_buffers", "_modules"):
+        if not isinstance(st.get(group) or {}, dict):
+            raise ValueError(f"{prefix or 'network'}: malformed {group} in the pickled module state")
     for group in ("_parameters", "_buffers"):
         for k, v in (st.get(group) or {}).items():
             if v is None or (group == "_buffers" and k in skip):
