@@ -112,16 +112,20 @@ class FactorizedProjection(nn.Module):
         out = out + self.bias.to(out.dtype)
         return out.reshape(*out.shape[:2], self.members, self.hidden)
 
-    def gather_per_member(self, projected: dict[int, torch.Tensor], grid: torch.Tensor) -> torch.Tensor:
-        """Like `gather`, but member m reads its own pixels: grid (N, M, P, 2) -> (N, M, P, H)."""
-        n, m, p, _ = grid.shape
-        out = None
-        for proj in projected.values():
-            x = proj.reshape(n * m, self.hidden, *proj.shape[-2:])
-            s = sample_bilinear(x, grid.reshape(n * m, p, 2))
-            out = s if out is None else out + s
-        out = out.reshape(n, m, p, self.hidden)
-        return out + self.bias.reshape(1, m, 1, self.hidden).to(out.dtype)
+    def project_features(self, feats: torch.Tensor) -> torch.Tensor:
+        """First layer on features already gathered per member: (N, M, P, C_total) -> (N, M, P, H).
+
+        Used while fitting: the taps are constants, so gathering them first (C channels) and
+        projecting after avoids back-propagating through the upsampling of M*H channels.
+        """
+        w = self.weight.reshape(self.members, self.hidden, -1)
+        out = torch.einsum("nmpc,mhc->nmph", feats, w.to(feats.dtype))
+        return out + self.bias.reshape(1, self.members, 1, self.hidden).to(out.dtype)
+
+
+def gather_taps(taps: list[torch.Tensor], grid: torch.Tensor) -> torch.Tensor:
+    """Hypercolumn features at grid points only: grid (N, P, 2) -> (N, P, C_total)."""
+    return torch.cat([sample_bilinear(t, grid) for t in taps], dim=-1)
 
 
 def naive_hypercolumn(taps: list[torch.Tensor], out_res: int) -> torch.Tensor:

@@ -85,7 +85,7 @@ def load_labeler_cached(path: str, hash_: str, device: str):
 
 def generator_hash(name: str) -> str:
     """Content hash of the generator checkpoint (built-in names resolve to the shipped file)."""
-    from labelfoundry.generators import resolve_generator_path
+    from labelfoundry.generators.loaders import resolve_generator_path
 
     return file_hash(resolve_generator_path(name))
 

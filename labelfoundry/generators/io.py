@@ -23,7 +23,12 @@ FORMAT_VERSION = "1"
 
 def save_generator(path: str | os.PathLike, G: Generator, D: Discriminator | None = None, extra: dict | None = None) -> None:
     """Write G (and D) atomically: a crash mid-write never leaves a half file under `path`."""
-    tensors = {f"G.{k}": v.detach().to("cpu").contiguous() for k, v in G.state_dict().items()}
+    # A loaded G carries its D as a submodule; D's tensors go under D.* only.
+    tensors = {
+        f"G.{k}": v.detach().to("cpu").contiguous()
+        for k, v in G.state_dict().items()
+        if not k.startswith("discriminator.")
+    }
     meta = {"format": FORMAT, "version": FORMAT_VERSION, "G": json.dumps(G.cfg.to_json())}
     if D is not None:
         tensors.update({f"D.{k}": v.detach().to("cpu").contiguous() for k, v in D.state_dict().items()})

@@ -75,6 +75,17 @@ def builtin_model_path(name: str) -> Path:
     return Path(str(res))
 
 
+def resolve_generator_path(path_or_name: str | os.PathLike) -> Path:
+    """A built-in name or a checkpoint path -> the file that holds the weights."""
+    name = str(path_or_name)
+    if name in BUILTIN_MODELS:
+        return builtin_model_path(name)
+    path = Path(path_or_name).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint file; accepted: {ACCEPTED_FORMATS}")
+    return path
+
+
 def load_generator(path_or_name: str | os.PathLike, device: str | torch.device = "cpu") -> Generator:
     """Load any supported checkpoint as our `Generator` (eval mode, on `device`).
 
@@ -105,12 +116,7 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     D = G.discriminator
     extra = dict(getattr(G, "extra", None) or {})
     extra.setdefault("converted_from", Path(str(src)).name)
-    # G.discriminator is registered as a submodule; keep its tensors out of the G.* entries.
-    G.discriminator = None
-    try:
-        save_generator(dst, G, D, extra=extra)
-    finally:
-        G.discriminator = D
+    save_generator(dst, G, D, extra=extra)
     return dst
 
 

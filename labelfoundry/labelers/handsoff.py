@@ -24,7 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from ..features import FactorizedProjection, TapSpec, generate_with_taps, pixel_grid
+from ..features import FactorizedProjection, TapSpec, gather_taps, generate_with_taps, pixel_grid
 from ..uncertainty import image_scores, js_divergence, member_variance
 from .base import GenBatch, LabelBatch
 
@@ -198,9 +198,9 @@ class HandsOffLabeler(nn.Module):
             wmap = weight[idx_cpu].flatten(1).repeat_interleave(M, 0)  # (b*M, R*R)
             flat = torch.multinomial(wmap, P, replacement=True, generator=gen).reshape(b, M, P).to(dev)
             ys, xs = flat // R, flat % R
-            grid = pixel_grid(ys, xs, R)  # (b, M, P, 2)
-            projected = self.net.proj.project_taps(taps)
-            h = self.net.proj.gather_per_member(projected, grid)  # (b, M, P, H1)
+            grid = pixel_grid(ys, xs, R).reshape(b, M * P, 2)
+            feats = gather_taps(taps, grid).reshape(b, M, P, -1)  # hypercolumns of the sampled pixels only
+            h = self.net.proj.project_features(feats)  # (b, M, P, H1)
             h = h.permute(0, 2, 1, 3).reshape(b * P, M, -1)
             pred = self.net.head(h).reshape(b, P, M, out).permute(0, 2, 1, 3)  # (b, M, P, K)
             tgt = torch.gather(target[idx].flatten(2), 2, flat.reshape(b, 1, M * P).expand(-1, target.shape[1], -1))

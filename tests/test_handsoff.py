@@ -1,0 +1,143 @@
+"""HandsOff core: factorized features == naive hypercolumn, inversion, fit + label end to end."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from labelfoundry.features import FactorizedProjection, TapSpec, gather_taps, generate_with_taps, naive_hypercolumn, pixel_grid
+from labelfoundry.generators import Generator
+from labelfoundry.inversion.optimize import InversionConfig, InversionResult, invert, load_lpips
+from labelfoundry.labelers import GenBatch, HandsOffConfig, HandsOffLabeler, load_labeler
+
+
+@pytest.fixture(scope="module")
+def G():
+    torch.manual_seed(0)
+    return Generator(resolution=32, channel_base=256, channel_max=32, z_dim=32, w_dim=32, map_layers=2).eval()
+
+
+@pytest.fixture(scope="module")
+def batch(G):
+    torch.manual_seed(1)
+    ws = G.mapping(torch.randn(4, G.z_dim))
+    img, taps = generate_with_taps(G, ws, TapSpec())
+    return ws, img, taps
+
+
+def _all_pixels(n, R):
+    ys, xs = torch.meshgrid(torch.arange(R), torch.arange(R), indexing="ij")
+    return ys.reshape(1, -1).expand(n, -1), xs.reshape(1, -1).expand(n, -1)
+
+
+def test_factorized_first_layer_equals_naive_hypercolumn(G, batch):
+    _, _, taps = batch
+    proj = FactorizedProjection([t.shape[1] for t in taps], members=3, hidden=8)
+    with torch.no_grad():
+        proj.bias.normal_()
+    R = G.resolution
+    hc = naive_hypercolumn(taps, R)  # (N, C, R, R): the papers' materialised hypercolumn
+    naive = torch.einsum("oc,nchw->nhwo", proj.weight, hc) + proj.bias
+    ys, xs = _all_pixels(4, R)
+    grid = pixel_grid(ys, xs, R)
+    ours = proj.gather(proj.project_taps(taps), grid).reshape(4, R, R, -1)
+    torch.testing.assert_close(ours, naive, atol=1e-5, rtol=1e-5)
+    # the fitting path (gather the features, then project) is the same function
+    feats = gather_taps(taps, grid).reshape(4, 1, R * R, -1).expand(-1, 3, -1, -1)
+    fit_path = proj.project_features(feats).permute(0, 2, 1, 3).reshape(4, R, R, -1)
+    torch.testing.assert_close(fit_path, naive, atol=1e-5, rtol=1e-5)
+
+
+def test_tapspec_channel_subset_and_rgb(G, batch):
+    ws, img, taps = batch
+    spec = TapSpec(layers=(0, 2), max_channels=8, include_rgb=True)
+    sel = spec.select(taps, img)
+    assert [t.shape[1] for t in sel] == spec.channels(G.tap_channels) == [8, 8, 3]
+
+
+def test_inversion_lowers_loss_and_respects_constraint(G):
+    torch.manual_seed(3)
+    with torch.no_grad():
+        target = G.synthesis(G.mapping(torch.randn(2, G.z_dim)))
+    cfg0 = InversionConfig(steps=0, c_reg=0.05)
+    cfg = InversionConfig(steps=40, lr=0.05, c_reg=0.05)
+    before = invert(G, target, cfg0)
+    after = invert(G, target, cfg)
+    assert (after.loss < before.loss).all()
+    start = G.w_avg.reshape(1, 1, -1)
+    msd = (after.ws - start).square().mean(dim=[1, 2])
+    assert (msd <= 0.05 + 1e-5).all()
+    assert after.recon.shape == (2, 32, 32, 3) and after.recon.dtype == np.uint8
+
+
+def test_inversion_result_round_trip(tmp_path, G):
+    res = invert(G, torch.zeros(2, 3, 32, 32), InversionConfig(steps=2), ids=["a", "b"])
+    res.save(tmp_path / "inv.pt")
+    back = InversionResult.load(tmp_path / "inv.pt")
+    assert back.ids == ["a", "b"] and torch.equal(back.ws, res.ws)
+
+
+def test_inversion_rejects_wrong_resolution(G):
+    with pytest.raises(ValueError, match="resize"):
+        invert(G, np.zeros((1, 16, 16, 3), np.uint8), InversionConfig(steps=1))
+
+
+def test_lpips_offline_error_names_the_file(monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="vgg16-397923af.pth"):
+        load_lpips("vgg", "cpu")
+
+
+def _masks(img):
+    return (img[:, 0] > 0).long() + (img[:, 1] > 0.2).long()
+
+
+def test_fit_and_label_end_to_end(tmp_path, G, batch):
+    ws, img, taps = batch
+    masks = _masks(img)
+    cfg = HandsOffConfig(members=3, hidden=(16, 8), min_steps=120, pixels_per_image=256)
+    lab = HandsOffLabeler.fit(G, ws, cfg, masks=masks, num_classes=3)
+    out = lab.label(GenBatch(ws, img, taps))
+    acc = (out.label.long() == masks).float().mean().item()
+    assert acc > 0.8
+    assert out.uncertainty.shape == (4, 32, 32) and (out.uncertainty >= 0).all()
+    assert torch.allclose(out.score, out.uncertainty.flatten(1).sum(1))
+    # tiles: the same labels with a tiny tile budget
+    lab.cfg.tile_pixels = 40
+    out2 = lab.label(GenBatch(ws, img, taps))
+    assert torch.equal(out.label, out2.label)
+    lab.save(tmp_path / "l.safetensors")
+    back = load_labeler(tmp_path / "l.safetensors")
+    assert torch.equal(back.label(GenBatch(ws, img, taps)).label, out2.label)
+
+
+def test_fit_continuous_tasks(G, batch):
+    ws, img, taps = batch
+    depth = img[:, 0].detach() * 2 + 5
+    cfg = HandsOffConfig(task="depth", members=2, hidden=(8, 4), min_steps=30, pixels_per_image=128)
+    lab = HandsOffLabeler.fit(G, ws, cfg, depth=depth)
+    out = lab.label(GenBatch(ws, img, taps))
+    assert out.label.shape == (4, 1, 32, 32) and out.label.dtype == torch.float32
+    kp = torch.tensor([[[5.0, 6.0, 1.0], [20.0, 20.0, 1.0]]]).repeat(4, 1, 1)
+    cfg = HandsOffConfig(task="keypoints", members=2, hidden=(8, 4), min_steps=20, pixels_per_image=128)
+    out = HandsOffLabeler.fit(G, ws, cfg, keypoints=kp).label(GenBatch(ws, img, taps))
+    assert out.label.shape == (4, 2, 32, 32)
+
+
+def test_fit_rejects_bad_labels(G, batch):
+    ws, img, _ = batch
+    with pytest.raises(ValueError, match="outside"):
+        HandsOffLabeler.fit(G, ws, HandsOffConfig(min_steps=1), masks=torch.full((4, 32, 32), 7), num_classes=3)
+    with pytest.raises(ValueError, match="generator makes"):
+        HandsOffLabeler.fit(G, ws, HandsOffConfig(min_steps=1), masks=torch.zeros(4, 16, 16, dtype=torch.long), num_classes=3)
+
+
+def test_class_balanced_sampling_weights(G, batch):
+    ws, img, _ = batch
+    masks = torch.zeros(4, 32, 32, dtype=torch.long)
+    masks[:, :2, :2] = 1  # a rare class: 4 of 1024 pixels
+    cfg = HandsOffConfig(members=2, hidden=(8, 4), min_steps=60, class_balanced=True, pixels_per_image=128)
+    lab = HandsOffLabeler.fit(G, ws, cfg, masks=masks, num_classes=2)
+    _, _, taps = batch
+    out = lab.label(GenBatch(ws, img, taps))
+    assert (out.label[:, :2, :2] == 1).float().mean() > 0.5  # the rare class is learned, not drowned
