@@ -19,5 +19,6 @@ DEFAULTS = {
 
 def configure_prefect_env() -> None:
     os.environ.setdefault("PREFECT_HOME", str(Path(os.environ.get("LABELFOUNDRY_HOME", "~/.labelfoundry")).expanduser() / "prefect"))
+    Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)  # prefect creates only the leaf
     for k, v in DEFAULTS.items():
         os.environ.setdefault(k, v)

@@ -25,12 +25,12 @@ from tasks.report import report_task
 from .runners import make_task_runner
 
 
-def run_stage(task, run_dir: Path, **kwargs) -> Artifact:
+def run_stage(task, **kwargs) -> Artifact:
     """Run a cached stage; if its cached artifact went missing or changed on disk, recompute it."""
-    art = cached(task, run_dir)(**kwargs)
+    art = cached(task, kwargs["run_dir"])(**kwargs)
     if not art.exists_unchanged():
         get_run_logger().warning("cached %s artifact %s is missing or changed; recomputing", task.name, art.path)
-        art = cached(task, run_dir, refresh=True)(**kwargs)
+        art = cached(task, kwargs["run_dir"], refresh=True)(**kwargs)
     return art
 
 
@@ -104,11 +104,11 @@ def factory(config: str | None = None, overrides: dict | None = None, stop_after
     log.info("run %s in %s on %s (code %s)", cfg.name, run_dir, device, cv)
 
     inverted = run_stage(
-        invert_task, run_dir, run_dir=str(run_dir), generator=cfg.generator.name, generator_hash=gh,
+        invert_task, run_dir=str(run_dir), generator=cfg.generator.name, generator_hash=gh,
         labeled_cfg=cfg.labeled.model_dump(), inversion_cfg=cfg.inversion.model_dump(), code_version=cv, device=device,
     )
     labeler = run_stage(
-        fit_task, run_dir, run_dir=str(run_dir), generator=cfg.generator.name, generator_hash=gh, inverted=inverted,
+        fit_task, run_dir=str(run_dir), generator=cfg.generator.name, generator_hash=gh, inverted=inverted,
         labeler_cfg=cfg.labeler.model_dump(), code_version=cv, device=device,
     )
     summary: dict = {"run_dir": str(run_dir), "inversion": inverted.model_dump(), "labeler": labeler.model_dump()}

@@ -1,0 +1,93 @@
+"""Stage 6: downstream training + evaluation on real test images, with baselines, and the report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from labelfoundry.evaluation import ArrayDataset, gap_closed, toyfaces_split, train_and_evaluate
+from labelfoundry.report import bar_png, markdown_table
+from labelfoundry.segmenters import TrainConfig
+
+from .common import Artifact, cached
+
+
+def _train_cfg(ds: dict, seed: int) -> TrainConfig:
+    return TrainConfig(lr=ds["lr"], batch_size=ds["batch_size"], epochs=ds["epochs"], max_steps=ds["max_steps"], seed=seed,
+                       checkpoint_every=max(100, (ds["max_steps"] or 500) // 4), log_every=100)
+
+
+def _test_set(labeled_cfg: dict, ds: dict, resolution: int):
+    if labeled_cfg["source"] != "toyfaces":
+        return None
+    return toyfaces_split("test", ds["test_images"], resolution)
+
+
+@task(name="train-evaluate", retries=1)
+def train_eval_task(
+    method: str, run_dir: str, store_path: str | None, manifest_hash_: str | None, inverted: Artifact,
+    labeled_cfg: dict, downstream_cfg: dict, resolution: int, num_classes: int, seed: int, code_version: str, device: str,
+) -> dict:
+    """One method's segmenter: trained on its label source, scored on the real test split."""
+    import storage
+
+    log = get_run_logger()
+    ds = downstream_cfg
+    labeled = np.load(Path(inverted.path).parent / "labeled.npz")
+    labeled_set = ArrayDataset(labeled["image"], labeled["mask"])
+    if method in ("handsoff", "unfiltered"):
+        train = storage.open_dataset(store_path, filter="keep" if method == "handsoff" else None).dataset()
+    elif method == "labeled_only":
+        train = labeled_set
+    elif method == "oracle":
+        train = toyfaces_split("train", ds["oracle_images"], resolution, offset=500_000)
+    else:
+        raise ValueError(f"unknown method {method!r}")
+    test = _test_set(labeled_cfg, ds, resolution)
+    out = Path(run_dir) / "evaluate" / method
+    metrics = train_and_evaluate(
+        train, test, arch=ds["arch"], num_classes=num_classes, out_dir=out, train_cfg=_train_cfg(ds, seed), device=device,
+        finetune_data=labeled_set if ds["finetune_on_labeled"] and method == "handsoff" else None,
+    )
+    log.info("%s: mIoU %.3f on %d test images", method, metrics["miou"], len(test))
+    return metrics
+
+
+def evaluate_stage(cfg, run_dir: Path, inverted: Artifact, store_path: str, mh: str, device: str, cv: str) -> dict:
+    """Train/evaluate every method (each a cached task), then write metrics.json and the report."""
+    log = get_run_logger()
+    if cfg.labeled.source != "toyfaces":
+        log.warning("evaluation needs real labeled test images; only the built-in domain provides them for now")
+        return {}
+    schema = json.loads((Path(inverted.path).parent / "schema.json").read_text())
+    names = schema["class_names"]
+    from tasks.common import load_generator_cached
+
+    R = load_generator_cached(cfg.generator.name, device).resolution
+    methods = ["handsoff"] + [b for b in cfg.downstream.baselines]
+    results = {}
+    for m in methods:
+        results[m] = cached(train_eval_task, run_dir)(
+            method=m, run_dir=str(run_dir), store_path=store_path if m in ("handsoff", "unfiltered") else None,
+            manifest_hash_=mh if m in ("handsoff", "unfiltered") else None, inverted=inverted,
+            labeled_cfg=cfg.labeled.model_dump(), downstream_cfg=cfg.downstream.model_dump(), resolution=R,
+            num_classes=len(names), seed=cfg.seed, code_version=cv, device=device,
+        )
+    out = {"methods": results, "class_names": names, "num_labeled": cfg.labeled.num_images}
+    if "labeled_only" in results and "oracle" in results:
+        out["gap_closed"] = gap_closed(results["handsoff"]["miou"], results["labeled_only"]["miou"], results["oracle"]["miou"])
+    (run_dir / "metrics.json").write_text(json.dumps(out, indent=2))
+    rows = [[m, r["miou"], r["train_samples"]] for m, r in results.items()]
+    md = [f"# Downstream evaluation ({cfg.downstream.arch}, {cfg.downstream.test_images} real test images)", "",
+          markdown_table(["method", "mIoU", "train samples"], rows), "", f"gap closed: {out.get('gap_closed')}", ""]
+    per_class = {m: r["per_class_iou"] for m, r in results.items()}
+    p = bar_png(names, per_class, run_dir / "report" / "per-class-iou.png", "per-class IoU on real test images", "IoU")
+    md += [f"![per-class IoU]({p.resolve().as_uri()})", "", markdown_table(["class", *results], [[n, *[per_class[m][i] for m in results]] for i, n in enumerate(names)])]
+    (run_dir / "report" / "evaluation.md").write_text("\n".join(md))
+    create_markdown_artifact("\n".join(md), key="evaluation-report", description="downstream mIoU vs baselines")
+    create_table_artifact([{"method": m, "miou": r["miou"]} for m, r in results.items()], key="evaluation-table")
+    return out
