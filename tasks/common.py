@@ -20,10 +20,11 @@ class Artifact(BaseModel):
 
     path: str
     hash: str
+    companions: dict[str, str] = {}  # other files the stage wrote: path -> hash
 
     def exists_unchanged(self) -> bool:
-        p = Path(self.path)
-        return p.exists() and (p.is_dir() or file_hash(p) == self.hash)
+        files = {self.path: self.hash, **self.companions}
+        return all(Path(p).is_file() and file_hash(p) == h for p, h in files.items())
 
 
 def file_hash(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -45,4 +45,5 @@ def invert_task(
     if res.flagged.any():
         log.warning("poor reconstructions (loss > %.1fx median): %s", cfg.flag_factor, [i for i, f in zip(res.ids, res.flagged) if f])
     log.info("inverted %d images: mean loss %.4f", len(samples), float(res.loss.mean()))
-    return Artifact(path=str(out / "inversion.pt"), hash=file_hash(out / "inversion.pt") + file_hash(out / "labeled.npz")[:16])
+    companions = {str(out / f): file_hash(out / f) for f in ("labeled.npz", "schema.json")}
+    return Artifact(path=str(out / "inversion.pt"), hash=file_hash(out / "inversion.pt"), companions=companions)
