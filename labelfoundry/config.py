@@ -91,7 +91,7 @@ class RunConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     generator: GeneratorSection = GeneratorSection()
     labeled: LabeledSection = LabeledSection()
-    inversion: InversionConfig = InversionConfig()
+    inversion: InversionConfig = InversionConfig(steps=300)
     labeler: HandsOffConfig = HandsOffConfig()
     generate: GenerateSection = GenerateSection()
     filter: FilterSection = FilterSection()
