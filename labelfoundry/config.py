@@ -8,13 +8,24 @@ re-runs that stage and what follows, nothing before it.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
 from .inversion.optimize import InversionConfig
 from .labelers.handsoff import HandsOffConfig
+
+
+def _labeler_method(v) -> str:
+    """`labeler.method` picks the labeler; HandsOff when omitted."""
+    return (v.get("method") if isinstance(v, dict) else getattr(v, "method", None)) or "handsoff"
+
+
+LabelerConfig = Annotated[
+    Union[Annotated[HandsOffConfig, Tag("handsoff")]],
+    Discriminator(_labeler_method),
+]
 
 
 class _Strict(BaseModel):
@@ -92,7 +103,7 @@ class RunConfig(_Strict):
     generator: GeneratorSection = GeneratorSection()
     labeled: LabeledSection = LabeledSection()
     inversion: InversionConfig = InversionConfig(steps=300)
-    labeler: HandsOffConfig = HandsOffConfig()
+    labeler: LabelerConfig = HandsOffConfig()
     generate: GenerateSection = GenerateSection()
     filter: FilterSection = FilterSection()
     downstream: DownstreamSection = DownstreamSection()

@@ -36,6 +36,7 @@ class HandsOffConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    method: Literal["handsoff"] = "handsoff"
     task: Task = "segmentation"
     members: int = Field(10, ge=1)
     hidden: tuple[int, int] = (256, 32)
