@@ -25,6 +25,15 @@ from labelfoundry.labelers.latent_direction import (
 TINY = dict(resolution=16, channel_base=128, channel_max=16, z_dim=16, w_dim=16, map_layers=2)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny tensors on a shared 2-core machine: intra-op threads only oversubscribe (10-30x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def G():
     torch.manual_seed(0)

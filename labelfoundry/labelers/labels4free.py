@@ -1,0 +1,310 @@
+"""Labels4Free: unsupervised foreground masks from an alpha network on generator features (paper 004).
+
+The frozen generator G draws a foreground image F = G(w) and its feature taps; an alpha network
+reads the taps of *several* layers (App. A.1, Table 2: last-layer-only features do much worse) and
+predicts a soft mask α at full resolution; a background generator draws an in-domain background B
+(App. A.1, Table 1: out-of-domain backgrounds collapse the scores). The composite
+
+    C = α · F + (1 - α) · B
+
+must fool the GAN's discriminator D. Only the alpha network (and a *copy* of D) learn:
+
+    L_alpha = w_adv · softplus(-D(C))                                   non-saturating adversarial
+            + w_bin · mean(min(α, 1 - α))                                binarisation
+            + w_area · mean_i(relu(a_min - mean(α_i)) + relu(mean(α_i) - a_max))   coverage hinge
+    L_D     = softplus(D(C)) + softplus(-D(F)) + γ/2 · R1(F) every k steps
+
+The appendix states that D is trained together with the alpha network ("we not only train the
+alpha network but also the discriminator", App. A.1). We train a deep copy of `G.discriminator`
+(the generator's own D is never modified); "real" images are fresh samples of G, so no dataset is
+needed. Defaults follow the authors' released trainer (Adam 2e-4, betas (0, 0.99), batch 16,
+mask-regulariser weight 1.2, minimum foreground coverage 0.25, R1 γ = 10 every 16 steps).
+
+Background generator (the cheap variant of the paper's in-domain background generator, as in the
+authors' code): the *same* generator with its coarsest features suppressed. At every block of
+resolution <= `bg_cut_resolution` (default 4: the 4x4 block) the feature map is zeroed ("zero",
+the authors' choice) or replaced by its spatial mean ("mean") before the next layers and toRGB
+see it. The object's layout lives in those coarse features, so the finer layers paint
+object-free, in-domain texture and colour. By default the background uses the foreground's own
+latent (the authors' code does so; its palette then matches the scene); `bg_latent="independent"`
+draws a second latent. A fine-tuned background generator can be passed to `fit` instead.
+
+Labels: α > 0.5 is foreground (1). Uncertainty: u = 1 - |2α - 1| (0 where α is 0 or 1, 1 at 0.5).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from ..features import TapSpec, generate_with_taps
+from ..generators.ops import upsample2d
+from ..uncertainty import image_scores
+from .base import GenBatch, LabelBatch
+
+FORMAT = "labelfoundry-labels4free"
+
+
+class Labels4FreeConfig(BaseModel):
+    """Hyper-parameters of the Labels4Free labeler; defaults from paper 004 and the authors' trainer."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: Literal["labels4free"] = "labels4free"
+    task: Literal["segmentation"] = "segmentation"
+    tap_layers: tuple[int, ...] | None = Field(
+        None, description="generator taps the alpha network reads (None = all); multi-layer features matter (App. A.1, Table 2)"
+    )
+    tap_max_channels: int | None = None
+    hidden: int = Field(32, ge=1, description="channels of the per-tap 1x1 projections and the merge convs")
+    merge_convs: int = Field(2, ge=0, description="3x3 conv layers after the multi-scale merge")
+    steps: int = Field(1000, ge=1, description="training iterations (authors' trainer: 1000)")
+    batch_size: int = Field(16, ge=1, description="authors' trainer: 16")
+    lr: float = Field(2e-4, gt=0, description="alpha-network Adam learning rate (authors' trainer)")
+    d_lr: float = Field(2e-4, gt=0, description="discriminator Adam learning rate (authors' trainer)")
+    betas: tuple[float, float] = (0.0, 0.99)
+    adv_weight: float = Field(1.0, ge=0, description="non-saturating adversarial weight (authors' sat_weight)")
+    bin_weight: float = Field(1.2, ge=0, description="binarisation min(α, 1-α) weight (authors' loss_multiplier)")
+    area_weight: float = Field(1.2, ge=0, description="coverage-hinge weight (authors' loss_multiplier)")
+    area_min: float = Field(0.25, ge=0, le=1, description="minimum mean α per image (authors' fg_coverage_value)")
+    area_max: float = Field(0.75, ge=0, le=1, description="maximum mean α per image (authors' bg coverage 0.75 -> fg <= 0.75)")
+    train_discriminator: bool = Field(True, description="App. A.1: the discriminator (a copy) trains with the alpha network")
+    r1_gamma: float = Field(10.0, ge=0, description="R1 penalty on D (authors' trainer)")
+    r1_interval: int = Field(16, ge=1, description="lazy R1 every k steps (authors' trainer)")
+    bg_mode: Literal["zero", "mean"] = Field("zero", description="how coarse features are suppressed for the background")
+    bg_cut_resolution: int = Field(4, ge=4, description="suppress features of blocks at this resolution and below")
+    bg_latent: Literal["same", "independent"] = Field("same", description="background from the foreground's latent or a new one")
+    psi: float = Field(1.0, description="truncation of the latents sampled while training")
+    label_chunk: int = Field(16, ge=1, description="images per alpha-network pass when labeling")
+    seed: int = 0
+
+    @property
+    def tap_spec(self) -> TapSpec:
+        return TapSpec(self.tap_layers, self.tap_max_channels, False)
+
+
+class AlphaNetwork(nn.Module):
+    """Taps at native resolutions -> soft mask α (N, 1, R, R) in (0, 1).
+
+    A 1x1 conv per tap at its own resolution; projections of equal resolution are summed, each sum
+    is upsampled (bilinear, align_corners=False) to R and the results summed; then
+    [LeakyReLU, 3x3 conv] x merge_convs, LeakyReLU, 1x1 conv to one channel, sigmoid.
+    """
+
+    def __init__(self, tap_channels: list[int], resolution: int, hidden: int = 32, merge_convs: int = 2):
+        super().__init__()
+        self.tap_channels, self.resolution = list(tap_channels), resolution
+        self.proj = nn.ModuleList(nn.Conv2d(c, hidden, 1) for c in tap_channels)
+        layers: list[nn.Module] = []
+        for _ in range(merge_convs):
+            layers += [nn.LeakyReLU(0.2), nn.Conv2d(hidden, hidden, 3, padding=1)]
+        layers += [nn.LeakyReLU(0.2), nn.Conv2d(hidden, 1, 1)]
+        self.head = nn.Sequential(*layers)
+
+    def logits(self, taps: list[torch.Tensor]) -> torch.Tensor:
+        if [t.shape[1] for t in taps] != self.tap_channels:
+            raise ValueError(f"tap channels {[t.shape[1] for t in taps]} do not match the alpha network's {self.tap_channels}")
+        per_res: dict[int, torch.Tensor] = {}
+        for conv, t in zip(self.proj, taps):
+            p = conv(t.float())
+            r = t.shape[-1]
+            per_res[r] = per_res[r] + p if r in per_res else p
+        R = self.resolution
+        h = None
+        for r, p in per_res.items():
+            up = p if r == R else F.interpolate(p, size=(R, R), mode="bilinear", align_corners=False)
+            h = up if h is None else h + up
+        return self.head(h)
+
+    def forward(self, taps: list[torch.Tensor]) -> torch.Tensor:
+        return torch.sigmoid(self.logits(taps))
+
+
+@torch.no_grad()
+def suppressed_background(G, ws: torch.Tensor, cut_resolution: int = 4, mode: str = "zero") -> torch.Tensor:
+    """Synthesis of ws (N, num_ws, w_dim) with the features of blocks at resolution <= cut_resolution
+    zeroed ("zero") or replaced by their per-channel spatial mean ("mean") -> image (N, 3, R, R).
+
+    The suppression happens after each such block's last conv, before its toRGB and the next block.
+    """
+    syn = G.synthesis
+    ws = ws.to(torch.float32)
+    x = img = None
+    w_idx = 0
+    for res in syn.block_resolutions:
+        block = getattr(syn, f"b{res}")
+        w_iter = iter(ws[:, w_idx : w_idx + block.num_conv + 1].unbind(1))
+        if block.in_ch == 0:
+            x = block.const.float().unsqueeze(0).repeat(ws.shape[0], 1, 1, 1)
+        else:
+            x = block.conv0(x, next(w_iter), "const")
+        x = block.conv1(x, next(w_iter), "const")
+        if res <= cut_resolution:
+            x = torch.zeros_like(x) if mode == "zero" else x.mean((2, 3), keepdim=True).expand_as(x).contiguous()
+        y = block.torgb(x, next(w_iter)).float()
+        img = y if img is None else upsample2d(img, block.resample_filter) + y
+        w_idx += block.num_conv
+    return img
+
+
+def alpha_losses(alpha: torch.Tensor, fake_logits: torch.Tensor, cfg: Labels4FreeConfig) -> dict[str, torch.Tensor]:
+    """The alpha network's loss terms (unweighted) and their weighted total."""
+    adv = F.softplus(-fake_logits).mean()
+    binar = torch.minimum(alpha, 1 - alpha).mean()
+    area = alpha.mean((1, 2, 3))
+    cover = (F.relu(cfg.area_min - area) + F.relu(area - cfg.area_max)).mean()
+    total = cfg.adv_weight * adv + cfg.bin_weight * binar + cfg.area_weight * cover
+    return {"loss": total, "adv": adv, "bin": binar, "area": cover}
+
+
+class Labels4FreeLabeler(nn.Module):
+    """Trained alpha network; `label()` turns a generated batch's taps into fg/bg masks + uncertainty."""
+
+    name = "labels4free"
+    num_outputs = 2
+
+    def __init__(self, cfg: Labels4FreeConfig, tap_channels: list[int], resolution: int, meta: dict | None = None):
+        super().__init__()
+        self.cfg, self.resolution = cfg, resolution
+        self.tap_channels = list(tap_channels)
+        self.meta = {"num_classes": 2, **dict(meta or {})}
+        self.net = AlphaNetwork(self.tap_channels, resolution, cfg.hidden, cfg.merge_convs)
+        self.history: list[dict] = []
+
+    @property
+    def tap_spec(self) -> TapSpec:
+        return self.cfg.tap_spec
+
+    # ---------------------------------------------------------------- fitting
+    @classmethod
+    def fit(
+        cls,
+        G,
+        cfg: Labels4FreeConfig,
+        *,
+        labeled=None,
+        num_classes: int | None = None,
+        device: str | torch.device = "cpu",
+        progress: Callable[[dict], None] | None = None,
+        background_generator=None,
+    ) -> "Labels4FreeLabeler":
+        """Train the alpha network against (a copy of) `G.discriminator`. Unsupervised: `labeled`
+        and `num_classes` are ignored. `background_generator`: an optional fine-tuned generator
+        whose plain synthesis gives backgrounds (default: G with suppressed coarse features)."""
+        del labeled, num_classes
+        D0 = getattr(G, "discriminator", None)
+        if D0 is None:
+            raise ValueError(
+                "Labels4Free needs the GAN's discriminator, but this generator has none (G.discriminator is None). "
+                "Use a checkpoint that holds D as well (labelfoundry's own format saved with D, or an NVIDIA "
+                "network pickle with 'D'), or pick an unsupervised labeler that needs no D (latent_direction)."
+            )
+        dev = torch.device(device)
+        G = G.to(dev).eval()
+        spec = cfg.tap_spec
+        self = cls(cfg, spec.channels(G.tap_channels), G.resolution)
+        self.to(dev).train()
+        D = copy.deepcopy(D0).to(dev).eval().requires_grad_(False)
+        opt_a = torch.optim.Adam(self.net.parameters(), lr=cfg.lr, betas=cfg.betas)
+        opt_d = torch.optim.Adam(D.parameters(), lr=cfg.d_lr, betas=cfg.betas) if cfg.train_discriminator else None
+        gen = torch.Generator().manual_seed(cfg.seed)
+
+        def background(ws: torch.Tensor) -> torch.Tensor:
+            if background_generator is not None:
+                return background_generator.synthesis(ws, noise_mode="const")
+            return suppressed_background(G, ws, cfg.bg_cut_resolution, cfg.bg_mode)
+
+        t0 = time.time()
+        for step in range(cfg.steps):
+            with torch.no_grad():
+                z = torch.randn(cfg.batch_size, G.z_dim, generator=gen).to(dev)
+                ws = G.mapping(z, psi=cfg.psi)
+                fg, taps = generate_with_taps(G, ws, spec)
+                if cfg.bg_latent == "independent":
+                    ws = G.mapping(torch.randn(cfg.batch_size, G.z_dim, generator=gen).to(dev), psi=cfg.psi)
+                bg = background(ws)
+            d_loss = None
+            if opt_d is not None:  # discriminator step: real = G's samples, fake = composites
+                D.requires_grad_(True)
+                with torch.no_grad():
+                    a = self.net(taps)
+                comp = a * fg + (1 - a) * bg
+                d_loss = F.softplus(D(comp)).mean() + F.softplus(-D(fg)).mean()
+                if cfg.r1_gamma > 0 and step % cfg.r1_interval == 0:
+                    real = fg.detach().requires_grad_(True)
+                    (grad,) = torch.autograd.grad(D(real).sum(), real, create_graph=True)
+                    d_loss = d_loss + cfg.r1_gamma / 2 * grad.square().sum((1, 2, 3)).mean() * cfg.r1_interval
+                opt_d.zero_grad(set_to_none=True)
+                d_loss.backward()
+                opt_d.step()
+                D.requires_grad_(False)
+            alpha = self.net(taps)
+            comp = alpha * fg + (1 - alpha) * bg
+            losses = alpha_losses(alpha, D(comp), cfg)
+            opt_a.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            opt_a.step()
+            rec = {k: v.item() for k, v in losses.items()}
+            rec["d_loss"] = d_loss.item() if d_loss is not None else float("nan")
+            rec["coverage"] = alpha.detach().mean().item()
+            self.history.append(rec)
+            if progress is not None and (step % 50 == 0 or step == cfg.steps - 1):
+                progress({"step": step + 1, "steps": cfg.steps, **rec, "seconds": time.time() - t0})
+        self.meta.update({"steps": cfg.steps, "final": self.history[-1], "seconds": time.time() - t0})
+        return self.eval()
+
+    # ---------------------------------------------------------------- labeling
+    @torch.no_grad()
+    def alpha(self, taps: list[torch.Tensor]) -> torch.Tensor:
+        """α (N, R, R) for selected taps, `label_chunk` images at a time."""
+        n = taps[0].shape[0]
+        step = self.cfg.label_chunk
+        return torch.cat([self.net([t[i : i + step] for t in taps])[:, 0] for i in range(0, n, step)])
+
+    @torch.no_grad()
+    def label(self, batch: GenBatch) -> LabelBatch:
+        self.eval()
+        a = self.alpha(batch.taps)
+        unc = (1.0 - (2.0 * a - 1.0).abs()).float()
+        score, top10 = image_scores(unc)
+        return LabelBatch(label=(a > 0.5).to(torch.uint8), uncertainty=unc, score=score, score_top10=top10)
+
+    # ---------------------------------------------------------------- persistence
+    def save(self, path: str | os.PathLike) -> None:
+        """safetensors weights of the alpha network + JSON config; written atomically."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = {
+            "format": FORMAT, "version": "1", "config": self.cfg.model_dump_json(),
+            "tap_channels": json.dumps(self.tap_channels), "resolution": str(self.resolution),
+            "num_outputs": str(self.num_outputs), "meta": json.dumps(self.meta),
+        }
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "Labels4FreeLabeler":
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != FORMAT:
+                raise ValueError(f"{path}: not a Labels4Free labeler file (format={meta.get('format')!r})")
+            state = {k: f.get_tensor(k) for k in f.keys()}
+        self = cls(
+            Labels4FreeConfig.model_validate_json(meta["config"]), json.loads(meta["tap_channels"]),
+            int(meta["resolution"]), json.loads(meta["meta"]),
+        )
+        self.load_state_dict(state)
+        return self.to(device).eval()

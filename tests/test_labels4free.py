@@ -1,0 +1,171 @@
+"""Labels4Free labeler (paper 004): alpha network, suppressed background, training, fit + label, save/load."""
+
+import pytest
+import torch
+
+from labelfoundry.features import TapSpec, generate_with_taps
+from labelfoundry.generators import Discriminator, Generator
+from labelfoundry.labelers.base import GenBatch, LabelBatch
+from labelfoundry.labelers.labels4free import (
+    AlphaNetwork,
+    Labels4FreeConfig,
+    Labels4FreeLabeler,
+    alpha_losses,
+    suppressed_background,
+)
+
+TINY = dict(resolution=16, channel_base=128, channel_max=16, z_dim=16, w_dim=16, map_layers=2)
+FAST = dict(steps=3, batch_size=4, r1_interval=2)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny tensors on a shared 2-core machine: intra-op threads only oversubscribe (10-30x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _G(with_d=True):
+    torch.manual_seed(0)
+    G = Generator(**TINY).eval()
+    if with_d:
+        G.discriminator = Discriminator(resolution=16, channel_base=64, channel_max=16).eval()
+    return G
+
+
+@pytest.fixture(scope="module")
+def G():
+    return _G()
+
+
+@pytest.fixture(scope="module")
+def fitted(G):
+    return Labels4FreeLabeler.fit(G, Labels4FreeConfig(**FAST))
+
+
+def _batch(G, spec, n=5, seed=1):
+    torch.manual_seed(seed)
+    ws = G.mapping(torch.randn(n, G.z_dim))
+    img, taps = generate_with_taps(G, ws, spec)
+    return GenBatch(ws, img, taps)
+
+
+def test_alpha_network_reads_every_tap_resolution(G):
+    b = _batch(G, TapSpec())
+    assert len({t.shape[-1] for t in b.taps}) == 3  # 4, 8, 16
+    net = AlphaNetwork([t.shape[1] for t in b.taps], G.resolution, hidden=8, merge_convs=1)
+    a = net(b.taps)
+    assert a.shape == (5, 1, 16, 16) and ((a > 0) & (a < 1)).all()
+    # every tap influences the mask (multi-layer features, App. A.1)
+    a.sum().backward()
+    assert all(p.weight.grad.abs().sum() > 0 for p in net.proj)
+    with pytest.raises(ValueError, match="tap channels"):
+        net(b.taps[:-1])
+
+
+def test_suppressed_background_drops_coarse_features(G):
+    ws = G.mapping(torch.randn(3, G.z_dim))
+    # with nothing suppressed the re-implemented loop is exactly the generator's synthesis
+    torch.testing.assert_close(suppressed_background(G, ws, cut_resolution=2), G.synthesis(ws), atol=1e-5, rtol=1e-5)
+    bg = suppressed_background(G, ws, cut_resolution=4, mode="zero")
+    assert bg.shape == (3, 3, 16, 16) and torch.isfinite(bg).all()
+    assert not torch.allclose(bg, G.synthesis(ws))
+    # the background no longer depends on the 4x4 features (where the object's layout lives)
+    G2 = _G()
+    with torch.no_grad():
+        G2.synthesis.b4.const.normal_()
+        G2.synthesis.b4.conv1.weight.normal_()
+    torch.testing.assert_close(suppressed_background(G2, ws), bg)
+    assert not torch.allclose(G2.synthesis(ws), G.synthesis(ws))
+    mean_bg = suppressed_background(G, ws, cut_resolution=8, mode="mean")
+    assert torch.isfinite(mean_bg).all()
+
+
+def test_loss_terms_by_hand():
+    cfg = Labels4FreeConfig(area_min=0.25, area_max=0.75)
+    logits = torch.zeros(2, 1)
+    hard = torch.zeros(2, 1, 4, 4)
+    hard[:, :, :2] = 1.0  # binary, 50% coverage
+    t = alpha_losses(hard, logits, cfg)
+    assert t["bin"].item() == 0.0 and t["area"].item() == 0.0
+    assert t["adv"].item() == pytest.approx(torch.nn.functional.softplus(torch.tensor(0.0)).item())
+    full = torch.ones(2, 1, 4, 4)  # 100% coverage: 0.25 over the maximum
+    assert alpha_losses(full, logits, cfg)["area"].item() == pytest.approx(0.25)
+    half = torch.full((2, 1, 4, 4), 0.5)
+    assert alpha_losses(half, logits, cfg)["bin"].item() == pytest.approx(0.5)
+
+
+def test_training_losses_finite_and_regularisers_fall(G):
+    cfg = Labels4FreeConfig(steps=16, batch_size=4, lr=1e-2, r1_interval=4, seed=3)
+    lab = Labels4FreeLabeler.fit(G, cfg)
+    h = lab.history
+    assert len(h) == 16
+    for rec in h:
+        assert all(torch.isfinite(torch.tensor(v)) for v in rec.values())
+    first = sum(r["bin"] + r["area"] for r in h[:4]) / 4
+    last = sum(r["bin"] + r["area"] for r in h[-4:]) / 4
+    assert last < first - 0.02
+    assert sum(r["loss"] for r in h[-4:]) / 4 < sum(r["loss"] for r in h[:4]) / 4 + 0.1
+
+
+def test_generator_discriminator_is_not_modified(G):
+    before = {k: v.clone() for k, v in G.discriminator.state_dict().items()}
+    Labels4FreeLabeler.fit(G, Labels4FreeConfig(**FAST))
+    after = G.discriminator.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_fit_and_label_end_to_end(G, fitted):
+    b = _batch(G, fitted.tap_spec)
+    out = fitted.label(b)
+    assert isinstance(out, LabelBatch)
+    n, R = 5, G.resolution
+    assert out.label.shape == (n, R, R) and out.label.dtype == torch.uint8
+    assert set(out.label.unique().tolist()) <= {0, 1}
+    assert out.uncertainty.shape == (n, R, R) and out.uncertainty.dtype == torch.float32
+    assert (out.uncertainty >= 0).all() and (out.uncertainty <= 1).all()
+    assert out.score.shape == (n,) and out.score_top10.shape == (n,)
+    a = fitted.alpha(b.taps)
+    torch.testing.assert_close(out.uncertainty, 1 - (2 * a - 1).abs())
+    assert torch.equal(out.label, (a > 0.5).to(torch.uint8))
+    assert fitted.num_outputs == 2 and fitted.resolution == R
+
+
+def test_label_chunks_do_not_change_results(G, fitted):
+    b = _batch(G, fitted.tap_spec)
+    small = Labels4FreeLabeler(fitted.cfg.model_copy(update={"label_chunk": 2}), fitted.tap_channels, fitted.resolution)
+    small.load_state_dict(fitted.state_dict())
+    torch.testing.assert_close(small.label(b).uncertainty, fitted.label(b).uncertainty)
+
+
+def test_missing_discriminator_is_a_clear_error():
+    with pytest.raises(ValueError, match="discriminator"):
+        Labels4FreeLabeler.fit(_G(with_d=False), Labels4FreeConfig(**FAST))
+
+
+def test_independent_background_and_frozen_d_variants(G):
+    cfg = Labels4FreeConfig(steps=2, batch_size=4, bg_latent="independent", bg_mode="mean", train_discriminator=False,
+                            tap_layers=(0, 2, 4))
+    lab = Labels4FreeLabeler.fit(G, cfg)
+    out = lab.label(_batch(G, lab.tap_spec, n=2))
+    assert out.label.shape == (2, 16, 16)
+    assert len(lab.tap_channels) == 3
+
+
+def test_save_load_gives_identical_labels(G, fitted, tmp_path):
+    path = tmp_path / "l4f.safetensors"
+    fitted.save(path)
+    assert not (tmp_path / "l4f.safetensors.tmp").exists()
+    loaded = Labels4FreeLabeler.load(path)
+    assert loaded.cfg == fitted.cfg and loaded.meta == fitted.meta
+    b = _batch(G, fitted.tap_spec, seed=9)
+    a, c = fitted.label(b), loaded.label(b)
+    for k in ("label", "uncertainty", "score", "score_top10"):
+        assert torch.equal(getattr(a, k), getattr(c, k)), k
+    with pytest.raises(ValueError, match="not a Labels4Free"):
+        from labelfoundry.labelers.latent_direction import LatentDirectionConfig, LatentDirectionLabeler
+
+        LatentDirectionLabeler(LatentDirectionConfig(), G.cfg).save(tmp_path / "ld.safetensors")
+        Labels4FreeLabeler.load(tmp_path / "ld.safetensors")
