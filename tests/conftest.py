@@ -1,0 +1,134 @@
+"""Shared fixtures: one Prefect test server per session, a tiny random generator, tiny run configs.
+
+Prefect reads its settings when it is first imported, so the environment is fixed here, at
+conftest import time (before any test module imports prefect): analytics off, a generous
+ephemeral-server startup timeout (the server takes ~15 s to start on a busy 2-core machine), and a
+throw-away PREFECT_HOME. A user's PREFECT_API_URL / PREFECT_PROFILE never leak into the tests.
+
+One ``prefect_test_harness`` server serves the whole session (a session-scoped autouse fixture, so
+it is up before any module fixture runs a flow). It starts only when the selected tests include
+one marked ``prefect`` (``pytestmark = pytest.mark.prefect`` in flow modules), so a run of the
+storage / config / unit tests alone does not pay for it. While the harness runs, its API URL is also exported as
+PREFECT_API_URL so subprocesses (the kill -9 helper, Dask worker processes) report to the same
+server instead of each starting a temporary server of their own.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+_PREFECT_HOME = tempfile.mkdtemp(prefix="lf-test-prefect-home-")
+for _k in ("PREFECT_API_URL", "PREFECT_API_KEY", "PREFECT_PROFILE", "PREFECT_PROFILES_PATH"):
+    os.environ.pop(_k, None)
+os.environ.update(
+    {
+        "PREFECT_HOME": _PREFECT_HOME,
+        "LABELFOUNDRY_HOME": str(Path(_PREFECT_HOME) / "labelfoundry"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+        "PREFECT_TASKS_REFRESH_CACHE": "false",
+        "PREFECT_LOGGING_LEVEL": "INFO",
+        # never wait on the (absent) internet
+        "PREFECT_CLOUD_ENABLE_ORCHESTRATION_TELEMETRY": "false",
+        "DO_NOT_TRACK": "1",
+    }
+)
+
+import copy  # noqa: E402
+import time  # noqa: E402
+
+import pytest  # noqa: E402
+import yaml  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# The smallest configuration that still runs every stage: resolution-16 generator, 4 labeled
+# toy faces, 3 inversion steps, a 2-member labeler, 64 samples in 4 shards, 5 downstream steps.
+TINY: dict = {
+    "name": "test",
+    "seed": 0,
+    "device": "cpu",
+    "labeled": {"source": "toyfaces", "num_images": 4},
+    "inversion": {"steps": 3, "batch": 4},
+    "labeler": {"members": 2, "hidden": [8, 4], "min_steps": 10, "epochs": 0.01, "pixels_per_image": 64},
+    "generate": {"num_samples": 64, "samples_per_shard": 16, "batch": 16},
+    "filter": {"drop_top": 0.1},
+    "downstream": {
+        "max_steps": 5, "epochs": 1, "test_images": 16, "oracle_images": 32, "batch_size": 8,
+        "baselines": ["labeled_only", "oracle"],
+    },
+    "runner": {"kind": "threads", "workers": 2, "torch_threads": 1},
+}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "prefect: runs flows against the session's Prefect test server (started when any selected test has this mark)")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def prefect_server(request):
+    """One Prefect test server for the whole session, started before any other fixture when the
+    selected tests include one marked ``prefect``; yields its API URL (None when not started)."""
+    if not any(item.get_closest_marker("prefect") for item in request.session.items):
+        yield None
+        return
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        url = PREFECT_API_URL.value()
+        os.environ["PREFECT_API_URL"] = url  # inherited by subprocesses and Dask workers
+        try:
+            yield url
+        finally:
+            os.environ.pop("PREFECT_API_URL", None)
+
+
+@pytest.fixture(scope="session")
+def tiny_generator(tmp_path_factory) -> str:
+    """A random resolution-16 StyleGAN2 saved as safetensors (seconds to run on CPU)."""
+    import torch
+
+    from labelfoundry.generators import Generator, save_generator
+
+    torch.manual_seed(0)
+    G = Generator(resolution=16, channel_base=128, channel_max=16, z_dim=16, w_dim=16, map_layers=2)
+    path = tmp_path_factory.mktemp("generator") / "g.safetensors"
+    save_generator(path, G)
+    return str(path)
+
+
+def deep_merge(a: dict, b: dict) -> dict:
+    out = copy.deepcopy(a)
+    for k, v in b.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+@pytest.fixture(scope="session")
+def make_config(tiny_generator):
+    """make_config(dir, run_dir=..., **section overrides) -> path of a tiny YAML run config."""
+
+    def make(directory: Path, run_dir: Path, name: str = "config.yaml", **overrides) -> Path:
+        data = deep_merge(TINY, {"run_dir": str(run_dir), "generator": {"name": tiny_generator}})
+        data = deep_merge(data, overrides)
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / name
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+        return path
+
+    return make
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
+    """Poll until predicate() is truthy; fail the test after `timeout` seconds (never asserts on time)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)

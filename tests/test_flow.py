@@ -1,0 +1,343 @@
+"""Flow-level tests of the factory: caching, stage invalidation, kill -9 + resume, filter flags in the
+flow, and the Dask task runner giving the same bytes as threads.
+
+Everything runs on a random resolution-16 generator (conftest.tiny_generator) with a tiny config, in
+process against the session's Prefect test server (conftest.prefect_server), except the kill -9 test,
+whose victim is a subprocess (tests/helpers_flow.py) reporting to the same server.
+
+"No model work on a re-run" is checked two ways: the task runs' final states read back from the
+Prefect API (``Cached`` vs ``Completed``), and the inode + mtime of every artifact a model stage writes.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, wait_for
+
+pytestmark = pytest.mark.prefect
+
+HELPER = Path(__file__).with_name("helpers_flow.py")
+STAGES_WITH_DOWNSTREAM = 4 + 3  # invert, fit, filter, report + train-evaluate x (handsoff + 2 baselines)
+
+
+# ----------------------------------------------------------------------------- helpers
+def run_factory(config: Path, overrides: dict | None = None, **kwargs) -> tuple[dict, object]:
+    """Call the factory flow in process; returns (summary, flow run id)."""
+    from flows.factory import factory
+
+    state = factory(config=str(config), overrides=overrides, return_state=True, **kwargs)
+    assert state.is_completed(), f"factory ended in {state!r}"
+    return state.result(), state.state_details.flow_run_id
+
+
+def task_states(flow_run_id, expected: int, timeout: float = 60) -> dict[str, list[str]]:
+    """Final state names of a factory run's task runs (its own and its generation subflow's),
+    keyed by stage ("invert", "fit", "generate-shards", ...), once `expected` of them are recorded."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterParentFlowRunId,
+        TaskRunFilter,
+        TaskRunFilterFlowRunId,
+    )
+
+    def fetch():
+        with get_client(sync_client=True) as client:
+            subflows = client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id]))
+            )
+            wrappers = {s.parent_task_run_id for s in subflows}  # the subflow's stand-in task run
+            runs = client.read_task_runs(
+                task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=[flow_run_id, *(s.id for s in subflows)]))
+            )
+        runs = [r for r in runs if r.id not in wrappers]
+        if len(runs) < expected or any(r.state is None or not r.state.is_final() for r in runs):
+            return None
+        out: dict[str, list[str]] = defaultdict(list)
+        for r in runs:
+            out[r.name.rsplit("-", 1)[0]].append(r.state.name)
+        return {k: sorted(v) for k, v in out.items()}
+
+    return wait_for(fetch, timeout, f"{expected} finished task runs of flow run {flow_run_id}", interval=0.2)
+
+
+def snapshot(paths) -> dict[str, tuple[int, int, int]]:
+    """inode, size and mtime (ns) of each file: a rewrite, even with identical bytes, changes it."""
+    out = {}
+    for p in paths:
+        st = os.stat(p)
+        out[str(p)] = (st.st_ino, st.st_size, st.st_mtime_ns)
+    return out
+
+
+def files(root: Path, pattern: str = "**/*") -> list[Path]:
+    return sorted(p for p in Path(root).glob(pattern) if p.is_file())
+
+
+def model_artifacts(run_dir: Path) -> list[Path]:
+    """Every file a cached stage writes (not config.yaml / summary.json / metrics.json / evaluation
+    report, which the flow itself rewrites on each run)."""
+    report = [run_dir / "report" / n for n in ("dataset.md", "samples-kept.png", "samples-most-uncertain.png", "uncertainty-hist.png")]
+    return (
+        files(run_dir / "invert") + files(run_dir / "fit") + files(run_dir / "datasets")
+        + files(run_dir / "evaluate") + [p for p in report if p.exists()]
+    )
+
+
+def checksums(dataset: str) -> dict[int, str]:
+    import storage
+
+    m = storage.ShardStore.open(dataset).manifest()
+    return dict(zip(m["sample_id"].astype(int), m["checksum"]))
+
+
+def data_files(dataset: str | Path, shards) -> list[Path]:
+    """The Zarr shard files (all arrays) of the given shards."""
+    import storage
+
+    store = storage.ShardStore.open(str(dataset))
+    return [Path(store.shard_file(a, i)) for i in shards for a in store.layout.arrays]
+
+
+def assert_uncertain_are_top(m, n_drop: int) -> None:
+    top = m.sort_values(["score", "sample_id"], ascending=[False, True]).head(n_drop)["sample_id"]
+    assert int(m["uncertain"].sum()) == n_drop
+    assert set(m.loc[m["uncertain"], "sample_id"]) == set(top)
+    assert set(m.loc[~m["keep"], "sample_id"]) == set(top)  # no dedup / rebalance configured
+    assert m.loc[m["keep"], "score"].max() <= m.loc[~m["keep"], "score"].min()
+
+
+# ----------------------------------------------------------------------------- a base run
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, make_config):
+    """One complete factory run (every stage, downstream evaluation included), read-only for tests."""
+    d = tmp_path_factory.mktemp("base")
+    cfg = make_config(d, d / "run")
+    summary, fid = run_factory(cfg)
+    return {"config": cfg, "run_dir": d / "run", "summary": summary, "flow_run_id": fid}
+
+
+@pytest.mark.slow
+def test_rerun_with_same_config_does_no_model_work(base):
+    run_dir = base["run_dir"]
+    first = task_states(base["flow_run_id"], STAGES_WITH_DOWNSTREAM + 4)
+    assert {s for v in first.values() for s in v} == {"Completed"}, first  # the first run did the work
+    before = snapshot(model_artifacts(run_dir))
+    assert any("/manifest/shard-" in p for p in before) and any(p.endswith("labeler.safetensors") for p in before)
+
+    summary, fid = run_factory(base["config"])
+
+    states = task_states(fid, STAGES_WITH_DOWNSTREAM + 4)
+    assert set(states) == {"invert", "fit", "generate-shards", "filter", "report", "train-evaluate"}, states
+    assert len(states["generate-shards"]) == 4 and len(states["train-evaluate"]) == 3
+    assert {s for v in states.values() for s in v} == {"Cached"}, states
+    assert snapshot(model_artifacts(run_dir)) == before
+    assert sorted(p.name for p in (run_dir / "datasets").iterdir()) == [Path(base["summary"]["dataset"]).name]
+    assert summary == base["summary"]
+
+
+def test_filter_flags_after_the_flow(base):
+    import storage
+
+    path = base["summary"]["dataset"]
+    store = storage.ShardStore.open(path)
+    m = store.manifest()
+    n = 64
+    n_drop = math.floor(0.1 * n)
+    assert len(m) == n and store.is_complete()
+    assert {"keep", "uncertain", "duplicate"} <= set(m.columns)
+    assert_uncertain_are_top(m, n_drop)
+    assert not m["duplicate"].any()
+    assert base["summary"]["filter"] == {"total": n, "kept": n - n_drop, "dropped_uncertain": n_drop, "dropped_duplicate": 0}
+    assert len(storage.open_dataset(path)) == n - n_drop  # training sees the kept samples only
+    assert len(storage.open_dataset(path, filter=None)) == n
+
+    # flags only: the data still matches the checksums recorded at commit, and no shard file was
+    # written after its shard was committed
+    report = storage.verify(path)
+    assert report.ok, str(report)
+    assert report.checked == list(range(4)) and not report.uncommitted
+    for i in range(4):
+        committed_at = os.stat(Path(path) / "manifest" / f"shard-{i:06d}.parquet").st_mtime_ns
+        assert all(os.stat(f).st_mtime_ns <= committed_at for f in data_files(path, [i]))
+
+
+def test_changing_the_labeler_reruns_fit_and_what_follows_only(tmp_path, make_config):
+    run_dir = tmp_path / "run"
+    cfg = make_config(tmp_path, run_dir)
+    s1, _ = run_factory(cfg)
+    untouched = snapshot(files(run_dir / "invert") + files(Path(s1["dataset"])))
+    baselines = snapshot(files(run_dir / "evaluate" / "labeled_only") + files(run_dir / "evaluate" / "oracle"))
+    handsoff = snapshot(files(run_dir / "evaluate" / "handsoff"))
+    labeler_before = snapshot([run_dir / "fit" / "labeler.safetensors"])
+
+    s2, fid = run_factory(cfg, overrides={"labeler": {"min_steps": 12}})
+
+    states = task_states(fid, STAGES_WITH_DOWNSTREAM + 4)
+    assert states["invert"] == ["Cached"], states
+    assert states["fit"] == ["Completed"], states
+    assert states["generate-shards"] == ["Completed"] * 4, states
+    assert states["filter"] == ["Completed"] and states["report"] == ["Completed"], states
+    assert states["train-evaluate"] == ["Cached", "Cached", "Completed"], states  # only HandsOff's re-trains
+    assert s2["inversion"] == s1["inversion"]
+    assert s2["labeler"]["hash"] != s1["labeler"]["hash"]
+    assert snapshot([run_dir / "fit" / "labeler.safetensors"]) != labeler_before
+    # a new labeler -> a new dataset directory; the old one and the inversion are left alone
+    assert s2["dataset"] != s1["dataset"]
+    assert sorted(p.name for p in (run_dir / "datasets").iterdir()) == sorted(Path(s["dataset"]).name for s in (s1, s2))
+    assert snapshot(untouched) == untouched
+    assert snapshot(baselines) == baselines
+    assert snapshot(files(run_dir / "evaluate" / "handsoff")) != handsoff
+
+    import storage
+
+    m = storage.ShardStore.open(s2["dataset"]).manifest()
+    assert len(m) == 64 and "keep" in m and storage.verify(s2["dataset"]).ok
+    assert set(checksums(s2["dataset"]).values()) != set(checksums(s1["dataset"]).values())  # new labels
+
+
+def test_changing_only_drop_top_reruns_filter_and_report(tmp_path, make_config):
+    import storage
+
+    run_dir = tmp_path / "run"
+    cfg = make_config(tmp_path, run_dir, downstream={"enabled": False})
+    s1, _ = run_factory(cfg)
+    path = s1["dataset"]
+    m1 = storage.ShardStore.open(path).manifest()
+    assert_uncertain_are_top(m1, 6)
+    data = snapshot(files(run_dir / "invert") + files(run_dir / "fit") + files(Path(path) / "data.zarr") + files(Path(path) / "manifest"))
+
+    s2, fid = run_factory(cfg, overrides={"filter": {"drop_top": 0.25}})
+
+    states = task_states(fid, 4 + 4)
+    assert states["invert"] == ["Cached"] and states["fit"] == ["Cached"], states
+    assert states["generate-shards"] == ["Cached"] * 4, states
+    assert states["filter"] == ["Completed"] and states["report"] == ["Completed"], states
+    assert s2["dataset"] == path
+    assert s2["filter"] == {"total": 64, "kept": 48, "dropped_uncertain": 16, "dropped_duplicate": 0}
+    m2 = storage.ShardStore.open(path).manifest()
+    assert_uncertain_are_top(m2, 16)
+    assert set(m1.loc[~m1["keep"], "sample_id"]) < set(m2.loc[~m2["keep"], "sample_id"])
+    assert snapshot(data) == data  # flags only; no data, manifest part or upstream artifact rewritten
+    assert storage.verify(path).ok
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: filter_task's result is cached but its output (filters/default.parquet) is shared by every "
+    "filter config of a dataset, so going back to an earlier filter config is a cache hit that leaves the "
+    "other config's flags on disk (summary counts and manifest disagree)",
+)
+def test_going_back_to_an_earlier_filter_config_restores_its_flags(tmp_path, make_config):
+    import storage
+
+    cfg = make_config(tmp_path, tmp_path / "run", downstream={"enabled": False})
+    s1, _ = run_factory(cfg)
+    run_factory(cfg, overrides={"filter": {"drop_top": 0.25}})
+    s3, _ = run_factory(cfg)  # drop_top 0.1 again
+    assert s3["filter"] == s1["filter"]
+    m = storage.ShardStore.open(s3["dataset"]).manifest()
+    assert int((~m["keep"]).sum()) == s3["filter"]["total"] - s3["filter"]["kept"] == 6
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: train_eval_task's cache key for 'handsoff' has the dataset's manifest hash but not the filter "
+    "flags it trains on, so changing filter.drop_top does not re-train the downstream segmenter",
+)
+def test_changing_drop_top_retrains_the_filtered_downstream_model(tmp_path, make_config):
+    cfg = make_config(tmp_path, tmp_path / "run", downstream={"baselines": ["unfiltered"]})
+    s1, _ = run_factory(cfg)
+    s2, fid = run_factory(cfg, overrides={"filter": {"drop_top": 0.25}})
+    states = task_states(fid, 4 + 2 + 4)
+    assert states["filter"] == ["Completed"], states
+    assert states["train-evaluate"] == ["Cached", "Completed"], states  # unfiltered cached, handsoff re-trained
+    assert s2["evaluation"]["methods"]["handsoff"]["train_samples"] == 48
+
+
+# ----------------------------------------------------------------------------- kill -9 + resume
+@pytest.mark.slow
+def test_kill_9_during_generation_then_rerun_generates_only_uncommitted_shards(tmp_path, make_config):
+    import storage
+    from tasks.common import code_version
+
+    num_shards = 12
+    gen = {"num_samples": 96, "samples_per_shard": 8, "shards_per_task": 1, "batch": 8}
+    cfg = make_config(tmp_path, tmp_path / "run", generate=gen, runner={"workers": 1}, downstream={"enabled": False})
+    marker, log = tmp_path / "hung-at-shard", tmp_path / "helper.log"
+    hang_at = 5  # commits 0..4 go through; the 6th shard's data is written, then the process hangs before its commit
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, str(HELPER), str(cfg), "--hang-at-commit", str(hang_at), "--marker", str(marker),
+             "--code-version", code_version()],
+            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    try:
+        wait_for(lambda: marker.exists() or proc.poll() is not None, 300, "the helper to reach the hang point")
+        assert proc.poll() is None and marker.exists(), f"helper exited early:\n{log.read_text()[-5000:]}"
+        (ds,) = (tmp_path / "run" / "datasets").iterdir()
+        parts = files(ds / "manifest", "shard-*.parquet")
+        assert 1 <= len(parts) < num_shards
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+    store = storage.ShardStore.open(str(ds))
+    committed = store.committed_shards()
+    hung = int(marker.read_text())
+    assert len(committed) == hang_at and hung not in committed
+    assert all(f.is_file() for f in data_files(ds, [hung]))  # written, never committed
+    pre = storage.verify(str(ds))
+    assert pre.ok and pre.checked == committed and len(pre.uncommitted) == num_shards - hang_at
+    kept = snapshot(files(ds / "manifest", "shard-*.parquet") + data_files(ds, committed))
+
+    summary, fid = run_factory(cfg)
+
+    assert summary["dataset"] == str(ds)
+    states = task_states(fid, 4 + num_shards)
+    assert states["invert"] == ["Cached"] and states["fit"] == ["Cached"], states
+    assert states["generate-shards"] == sorted(["Cached"] * hang_at + ["Completed"] * (num_shards - hang_at)), states
+    assert snapshot(kept) == kept  # the committed shards were not regenerated nor rewritten
+    store = storage.ShardStore.open(str(ds))
+    assert store.committed_shards() == list(range(num_shards))
+    report = storage.verify(str(ds))
+    assert report.ok and len(report.checked) == num_shards, str(report)
+
+    ref, _ = run_factory(cfg, overrides={"run_dir": str(tmp_path / "reference")})
+    assert Path(ref["dataset"]).name == ds.name
+    assert checksums(str(ds)) == checksums(ref["dataset"])
+    assert len(checksums(str(ds))) == 96
+    assert summary["filter"] == ref["filter"]
+
+
+# ----------------------------------------------------------------------------- Dask runner
+@pytest.mark.slow
+def test_dask_task_runner_gives_the_same_dataset_as_threads(tmp_path, make_config, monkeypatch):
+    import flows.factory as factory_module
+
+    runners = []
+    real = factory_module.make_task_runner
+    monkeypatch.setattr(factory_module, "make_task_runner", lambda section: runners.append(real(section)) or runners[-1])
+    gen = {"num_samples": 32, "samples_per_shard": 8}
+    cfg = make_config(tmp_path, tmp_path / "threads", generate=gen, downstream={"enabled": False})
+
+    threads, _ = run_factory(cfg, stop_after="filter")
+    dask, fid = run_factory(cfg, overrides={"run_dir": str(tmp_path / "dask"), "runner": {"kind": "dask", "workers": 2}},
+                            stop_after="filter")
+
+    assert [type(r).__name__ for r in runners] == ["ThreadPoolTaskRunner", "DaskTaskRunner"]
+    assert task_states(fid, 4 + 4)["generate-shards"] == ["Completed"] * 4
+    assert Path(dask["dataset"]).name == Path(threads["dataset"]).name
+    assert len(checksums(dask["dataset"])) == 32
+    assert checksums(dask["dataset"]) == checksums(threads["dataset"])
+    assert dask["filter"] == threads["filter"]
