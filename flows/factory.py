@@ -15,6 +15,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.futures import as_completed
 
 from labelfoundry.config import RunConfig, load_config
+from labelfoundry.labelers import NEEDS_INVERSION
 from tasks.common import Artifact, cached, code_version, generator_hash, load_generator_cached, load_labeler_cached
 from tasks.filter import filter_task, manifest_hash
 from tasks.fit import fit_task
@@ -105,7 +106,8 @@ def factory(config: str | None = None, overrides: dict | None = None, stop_after
 
     inverted = run_stage(
         invert_task, run_dir=str(run_dir), generator=cfg.generator.name, generator_hash=gh,
-        labeled_cfg=cfg.labeled.model_dump(), inversion_cfg=cfg.inversion.model_dump(), code_version=cv, device=device,
+        labeled_cfg=cfg.labeled.model_dump(), code_version=cv, device=device,
+        inversion_cfg=cfg.inversion.model_dump() if cfg.labeler.method in NEEDS_INVERSION else None,
     )
     labeler = run_stage(
         fit_task, run_dir=str(run_dir), generator=cfg.generator.name, generator_hash=gh, inverted=inverted,

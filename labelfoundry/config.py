@@ -14,7 +14,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
 from .inversion.optimize import InversionConfig
+from .labelers.gradient_matching import GradientMatchingConfig
 from .labelers.handsoff import HandsOffConfig
+from .labelers.labels4free import Labels4FreeConfig
+from .labelers.latent_direction import LatentDirectionConfig
+from .labelers.stylemix import StyleMixConfig
 
 
 def _labeler_method(v) -> str:
@@ -23,7 +27,13 @@ def _labeler_method(v) -> str:
 
 
 LabelerConfig = Annotated[
-    Union[Annotated[HandsOffConfig, Tag("handsoff")]],
+    Union[
+        Annotated[HandsOffConfig, Tag("handsoff")],
+        Annotated[GradientMatchingConfig, Tag("gradient_matching")],
+        Annotated[StyleMixConfig, Tag("stylemix")],
+        Annotated[LatentDirectionConfig, Tag("latent_direction")],
+        Annotated[Labels4FreeConfig, Tag("labels4free")],
+    ],
     Discriminator(_labeler_method),
 ]
 

@@ -69,14 +69,16 @@ def compute_flags(
     dedup_threshold: float = 0.05,
     class_balance: dict[str, float] | None = None,
 ) -> pd.DataFrame:
-    """Flags frame: sample_id, keep, uncertain, duplicate (aligned to manifest rows)."""
+    """Flags frame: sample_id, keep, uncertain, duplicate, labeler_rejected (aligned to manifest rows)."""
     m = manifest.reset_index(drop=True)
     uncertain = uncertainty_flags(m, drop_top, score)
     duplicate = pd.Series(False, index=m.index)
     if dedup_vectors is not None:
         order = m.sort_values([score, "sample_id"]).index.to_numpy()
         duplicate = pd.Series(duplicate_flags(dedup_vectors, order, dedup_threshold), index=m.index)
-    keep = ~uncertain & ~duplicate
+    rejected = m["rejected"].astype(bool) if "rejected" in m else pd.Series(False, index=m.index)
+    keep = ~uncertain & ~duplicate & ~rejected
     if class_balance:
         keep = rebalance(m, keep, class_balance, score)
-    return pd.DataFrame({"sample_id": m["sample_id"], "keep": keep, "uncertain": uncertain, "duplicate": duplicate})
+    return pd.DataFrame({"sample_id": m["sample_id"], "keep": keep, "uncertain": uncertain, "duplicate": duplicate,
+                         "labeler_rejected": rejected})

@@ -36,12 +36,12 @@ def generate_samples(
     """Generate and label `sample_ids`. Returns (arrays for the store, per-sample manifest columns).
 
     arrays: image uint8 (n,R,R,3); label uint8 (n,R,R) or float16 (n,K,R,R); uncertainty float16
-    (n,R,R); w float32 (n,num_ws,w_dim) when store_w. columns: seed, score, score_top10.
+    (n,R,R); w float32 (n,num_ws,w_dim) when store_w. columns: seed, score, score_top10, rejected (the labeler refused the sample).
     """
     dev = torch.device(device)
     seeds = [sample_seed(run_seed, s) for s in sample_ids]
     parts: dict[str, list] = {"image": [], "label": [], "uncertainty": [], "w": []}
-    score, top10 = [], []
+    score, top10, rejected = [], [], []
     for i in range(0, len(seeds), batch):
         z = G.z_from_seeds(seeds[i : i + batch], dev)
         ws = G.mapping(z, psi=psi)
@@ -55,10 +55,13 @@ def generate_samples(
             parts["w"].append(ws.cpu().numpy().astype(np.float32))
         score.append(out.score.cpu().numpy())
         top10.append(out.score_top10.cpu().numpy())
+        rej = getattr(out, "rejected", None)  # labelers with dataset refinement (paper 002)
+        rejected.append(np.zeros(len(ws), bool) if rej is None else rej.cpu().numpy().astype(bool))
     arrays = {k: np.concatenate(v) for k, v in parts.items() if v}
     cols = {
         "seed": np.asarray(seeds, dtype=np.int64),
         "score": np.concatenate(score).astype(np.float64),
         "score_top10": np.concatenate(top10).astype(np.float64),
+        "rejected": np.concatenate(rejected),
     }
     return arrays, cols

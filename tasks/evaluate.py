@@ -21,16 +21,16 @@ def _train_cfg(ds: dict, seed: int) -> TrainConfig:
                        checkpoint_every=max(100, (ds["max_steps"] or 500) // 4), log_every=100)
 
 
-def _test_set(labeled_cfg: dict, ds: dict, resolution: int):
-    if labeled_cfg["source"] != "toyfaces":
-        return None
-    return toyfaces_split("test", ds["test_images"], resolution)
+def _fg_bg(d: ArrayDataset) -> ArrayDataset:
+    """Collapse part labels to foreground (anything not background) for fg/bg labelers."""
+    return ArrayDataset(d.images, (d.masks > 0).astype(np.uint8))
 
 
 @task(name="train-evaluate", retries=1)
 def train_eval_task(
     method: str, run_dir: str, store_path: str | None, manifest_hash_: str | None, inverted: Artifact,
-    labeled_cfg: dict, downstream_cfg: dict, resolution: int, num_classes: int, seed: int, code_version: str, device: str,
+    labeled_cfg: dict, downstream_cfg: dict, resolution: int, num_classes: int, binary: bool, seed: int, code_version: str,
+    device: str,
 ) -> dict:
     """One method's segmenter: trained on its label source, scored on the real test split."""
     import storage
@@ -39,15 +39,17 @@ def train_eval_task(
     ds = downstream_cfg
     labeled = np.load(Path(inverted.path).parent / "labeled.npz")
     labeled_set = ArrayDataset(labeled["image"], labeled["mask"])
+    as_task = _fg_bg if binary else (lambda d: d)
+    labeled_set = as_task(labeled_set)
     if method in ("handsoff", "unfiltered"):
         train = storage.open_dataset(store_path, filter="keep" if method == "handsoff" else None).dataset()
     elif method == "labeled_only":
         train = labeled_set
     elif method == "oracle":
-        train = toyfaces_split("train", ds["oracle_images"], resolution, offset=500_000)
+        train = as_task(toyfaces_split("train", ds["oracle_images"], resolution, offset=500_000))
     else:
         raise ValueError(f"unknown method {method!r}")
-    test = _test_set(labeled_cfg, ds, resolution)
+    test = as_task(toyfaces_split("test", ds["test_images"], resolution))
     out = Path(run_dir) / "evaluate" / method
     metrics = train_and_evaluate(
         train, test, arch=ds["arch"], num_classes=num_classes, out_dir=out, train_cfg=_train_cfg(ds, seed), device=device,
@@ -63,8 +65,11 @@ def evaluate_stage(cfg, run_dir: Path, inverted: Artifact, store_path: str, mh: 
     if cfg.labeled.source != "toyfaces":
         log.warning("evaluation needs real labeled test images; only the built-in domain provides them for now")
         return {}
+    from labelfoundry.labelers import SUPERVISED
+
+    binary = cfg.labeler.method not in SUPERVISED
     schema = json.loads((Path(inverted.path).parent / "schema.json").read_text())
-    names = schema["class_names"]
+    names = ["background", "foreground"] if binary else schema["class_names"]
     from tasks.common import load_generator_cached
 
     R = load_generator_cached(cfg.generator.name, device).resolution
@@ -75,9 +80,9 @@ def evaluate_stage(cfg, run_dir: Path, inverted: Artifact, store_path: str, mh: 
             method=m, run_dir=str(run_dir), store_path=store_path if m in ("handsoff", "unfiltered") else None,
             manifest_hash_=mh if m in ("handsoff", "unfiltered") else None, inverted=inverted,
             labeled_cfg=cfg.labeled.model_dump(), downstream_cfg=cfg.downstream.model_dump(), resolution=R,
-            num_classes=len(names), seed=cfg.seed, code_version=cv, device=device,
+            num_classes=len(names), binary=binary, seed=cfg.seed, code_version=cv, device=device,
         )
-    out = {"methods": results, "class_names": names, "num_labeled": cfg.labeled.num_images}
+    out = {"methods": results, "class_names": names, "num_labeled": cfg.labeled.num_images, "labeler": cfg.labeler.method}
     if "labeled_only" in results and "oracle" in results:
         out["gap_closed"] = gap_closed(results["handsoff"]["miou"], results["labeled_only"]["miou"], results["oracle"]["miou"])
     (run_dir / "metrics.json").write_text(json.dumps(out, indent=2))

@@ -17,10 +17,11 @@ from .common import Artifact, file_hash, load_generator_cached
 
 @task(name="invert", retries=1)
 def invert_task(
-    run_dir: str, generator: str, generator_hash: str, labeled_cfg: dict, inversion_cfg: dict, code_version: str, device: str
+    run_dir: str, generator: str, generator_hash: str, labeled_cfg: dict, inversion_cfg: dict | None, code_version: str, device: str
 ) -> Artifact:
-    """Writes invert/labeled.npz (the labeled set at generator resolution, with ids) and
-    invert/inversion.pt (ids, W+, reconstructions, losses, poor-reconstruction flags)."""
+    """Writes invert/labeled.npz (the labeled set at generator resolution, with ids, the artifact's
+    path) and, unless inversion_cfg is None, invert/inversion.pt (ids, W+, reconstructions, losses,
+    poor-reconstruction flags)."""
     from labelfoundry.config import LabeledSection
 
     log = get_run_logger()
@@ -37,6 +38,10 @@ def invert_task(
             payload[field] = np.stack(vals)
     np.savez_compressed(out / "labeled.npz", **payload)
     (out / "schema.json").write_text(json.dumps(schema.to_json()))
+    companions = {str(out / "schema.json"): file_hash(out / "schema.json")}
+    if inversion_cfg is None:  # this labeler reads labeled images directly (or none): no latents needed
+        log.info("read %d labeled images; no inversion needed", len(samples))
+        return Artifact(path=str(out / "labeled.npz"), hash=file_hash(out / "labeled.npz"), companions=companions)
     cfg = InversionConfig.model_validate(inversion_cfg)
     res = invert(G, images, cfg, ids=[s.sample_id for s in samples], device=device,
                  progress=lambda d: log.info("inversion %s", d))
@@ -45,5 +50,5 @@ def invert_task(
     if res.flagged.any():
         log.warning("poor reconstructions (loss > %.1fx median): %s", cfg.flag_factor, [i for i, f in zip(res.ids, res.flagged) if f])
     log.info("inverted %d images: mean loss %.4f", len(samples), float(res.loss.mean()))
-    companions = {str(out / f): file_hash(out / f) for f in ("labeled.npz", "schema.json")}
-    return Artifact(path=str(out / "inversion.pt"), hash=file_hash(out / "inversion.pt"), companions=companions)
+    companions[str(out / "inversion.pt")] = file_hash(out / "inversion.pt")
+    return Artifact(path=str(out / "labeled.npz"), hash=file_hash(out / "labeled.npz"), companions=companions)
