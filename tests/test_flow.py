@@ -177,7 +177,6 @@ def test_changing_the_labeler_reruns_fit_and_what_follows_only(tmp_path, make_co
     s1, _ = run_factory(cfg)
     untouched = snapshot(files(run_dir / "invert") + files(Path(s1["dataset"])))
     baselines = snapshot(files(run_dir / "evaluate" / "labeled_only") + files(run_dir / "evaluate" / "oracle"))
-    handsoff = snapshot(files(run_dir / "evaluate" / "handsoff"))
     labeler_before = snapshot([run_dir / "fit" / "labeler.safetensors"])
 
     s2, fid = run_factory(cfg, overrides={"labeler": {"min_steps": 12}})
@@ -196,7 +195,6 @@ def test_changing_the_labeler_reruns_fit_and_what_follows_only(tmp_path, make_co
     assert sorted(p.name for p in (run_dir / "datasets").iterdir()) == sorted(Path(s["dataset"]).name for s in (s1, s2))
     assert snapshot(untouched) == untouched
     assert snapshot(baselines) == baselines
-    assert snapshot(files(run_dir / "evaluate" / "handsoff")) != handsoff
 
     import storage
 
@@ -229,6 +227,23 @@ def test_changing_only_drop_top_reruns_filter_and_report(tmp_path, make_config):
     assert set(m1.loc[~m1["keep"], "sample_id"]) < set(m2.loc[~m2["keep"], "sample_id"])
     assert snapshot(data) == data  # flags only; no data, manifest part or upstream artifact rewritten
     assert storage.verify(path).ok
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: train_eval_task trains in run_dir/evaluate/<method> whatever the dataset, and train_segmenter "
+    "resumes from the newest checkpoint there: after a labeler change the 're-trained' HandsOff segmenter "
+    "resumes at step max_steps of the old dataset's model, trains 0 steps on the new data and reports old metrics",
+)
+def test_labeler_change_retrains_the_downstream_model_on_the_new_dataset(tmp_path, make_config):
+    run_dir = tmp_path / "run"
+    cfg = make_config(tmp_path, run_dir, downstream={"baselines": []})
+    run_factory(cfg)
+    handsoff = snapshot(files(run_dir / "evaluate" / "handsoff"))
+    _, fid = run_factory(cfg, overrides={"labeler": {"min_steps": 12}})
+    assert task_states(fid, 4 + 1 + 4)["train-evaluate"] == ["Completed"]
+    after = snapshot(files(run_dir / "evaluate" / "handsoff"))
+    assert after != handsoff, "no new checkpoint: the segmenter was not trained on the new dataset"
 
 
 @pytest.mark.xfail(
