@@ -17,7 +17,7 @@ from prefect.futures import as_completed
 from labelfoundry.config import RunConfig, load_config
 from labelfoundry.labelers import NEEDS_INVERSION
 from tasks.common import Artifact, cached, code_version, generator_hash, load_generator_cached, load_labeler_cached
-from tasks.filter import filter_task, manifest_hash
+from tasks.filter import filter_task, flags_hash, manifest_hash
 from tasks.fit import fit_task
 from tasks.generate import dataset_path, generate_shards_task, prepare_store
 from tasks.invert import invert_task
@@ -117,12 +117,16 @@ def factory(config: str | None = None, overrides: dict | None = None, stop_after
     if stop_after != "fit":
         store_path = generate_stage(cfg, run_dir, gh, labeler, device, cv)
         mh = manifest_hash(store_path)
-        counts = cached(filter_task, run_dir)(store_path=store_path, manifest_hash_=mh, filter_cfg=cfg.filter.model_dump(), code_version=cv)
-        report = cached(report_task, run_dir)(run_dir=str(run_dir), store_path=store_path, manifest_hash_=mh, counts=counts, code_version=cv)
+        filt_args = dict(store_path=store_path, manifest_hash_=mh, filter_cfg=cfg.filter.model_dump(), code_version=cv)
+        filtered = cached(filter_task, run_dir)(**filt_args)
+        if filtered["flags_hash"] != flags_hash(store_path):  # another filter config wrote its flags since
+            filtered = cached(filter_task, run_dir, refresh=True)(**filt_args)
+        counts, fh = filtered["counts"], filtered["flags_hash"]
+        report = cached(report_task, run_dir)(run_dir=str(run_dir), store_path=store_path, manifest_hash_=mh + fh, counts=counts, code_version=cv)
         summary.update({"dataset": store_path, "filter": counts, "report": report})
         if stop_after != "filter" and cfg.downstream.enabled:
             from tasks.evaluate import evaluate_stage
 
-            summary["evaluation"] = evaluate_stage(cfg, run_dir, inverted, store_path, mh, device, cv)
+            summary["evaluation"] = evaluate_stage(cfg, run_dir, inverted, store_path, mh + fh, device, cv)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

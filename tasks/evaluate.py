@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -50,7 +51,10 @@ def train_eval_task(
     else:
         raise ValueError(f"unknown method {method!r}")
     test = as_task(toyfaces_split("test", ds["test_images"], resolution))
-    out = Path(run_dir) / "evaluate" / method
+    # One directory per distinct training input: a resumable checkpoint must never be reused for other data.
+    key = hashlib.sha256(json.dumps([method, store_path, manifest_hash_, inverted.hash, downstream_cfg, binary, seed,
+                                     resolution, code_version], sort_keys=True).encode()).hexdigest()[:12]
+    out = Path(run_dir) / "evaluate" / f"{method}-{key}"
     metrics = train_and_evaluate(
         train, test, arch=ds["arch"], num_classes=num_classes, out_dir=out, train_cfg=_train_cfg(ds, seed), device=device,
         finetune_data=labeled_set if ds["finetune_on_labeled"] and method == "handsoff" else None,

@@ -46,4 +46,13 @@ def filter_task(store_path: str, manifest_hash_: str, filter_cfg: dict, code_ver
         "dropped_uncertain": int(flags["uncertain"].sum()), "dropped_duplicate": int((flags["duplicate"] & ~flags["uncertain"]).sum()),
     }
     log.info("filter: %s", counts)
-    return counts
+    return {"counts": counts, "flags_hash": flags_hash(store_path)}
+
+
+def flags_hash(store_path: str) -> str:
+    """Hash of the flags on disk: what the downstream stage trains on, and what a cache hit must find."""
+    import hashlib
+
+    m = storage.ShardStore.open(store_path).manifest()
+    cols = [c for c in m.columns if c == "keep" or c.startswith("keep_")]
+    return hashlib.sha256(m[["sample_id", *cols]].to_csv(index=False).encode()).hexdigest()
