@@ -70,6 +70,21 @@ def task_states(flow_run_id, expected: int, timeout: float = 60) -> dict[str, li
     return wait_for(fetch, timeout, f"{expected} finished task runs of flow run {flow_run_id}", interval=0.2)
 
 
+def generate_with_labeler(config: Path, run_dir: Path, labeler: dict, overrides: dict | None = None) -> str:
+    """The factory's generation stage alone, in another run dir, with an already fitted labeler
+    (summary["labeler"]): an uninterrupted generation to compare a dataset against. (A whole factory
+    run would fit a new labeler, which is not reproducible yet: see
+    test_same_config_gives_the_same_labeler_in_another_run_dir.)"""
+    from flows.factory import generate_stage
+    from labelfoundry.config import load_config
+    from tasks.common import Artifact, code_version, generator_hash
+
+    cfg = load_config(config, {"run_dir": str(run_dir), **(overrides or {})})
+    run_dir = Path(cfg.run_dir).resolve()
+    return generate_stage(cfg, run_dir, generator_hash(cfg.generator.name), Artifact.model_validate(labeler),
+                          cfg.resolved_device(), code_version())
+
+
 def snapshot(paths) -> dict[str, tuple[int, int, int]]:
     """inode, size and mtime (ns) of each file: a rewrite, even with identical bytes, changes it."""
     out = {}
@@ -91,6 +106,11 @@ def model_artifacts(run_dir: Path) -> list[Path]:
         files(run_dir / "invert") + files(run_dir / "fit") + files(run_dir / "datasets")
         + files(run_dir / "evaluate") + [p for p in report if p.exists()]
     )
+
+
+def eval_files(run_dir: Path, method: str) -> list[Path]:
+    """Checkpoints etc. of one downstream method (in evaluate/<method>[-<input key>]/)."""
+    return [p for d in sorted((run_dir / "evaluate").glob(f"{method}*")) if d.name.split("-")[0] == method for p in files(d)]
 
 
 def checksums(dataset: str) -> dict[int, str]:
@@ -176,7 +196,8 @@ def test_changing_the_labeler_reruns_fit_and_what_follows_only(tmp_path, make_co
     cfg = make_config(tmp_path, run_dir)
     s1, _ = run_factory(cfg)
     untouched = snapshot(files(run_dir / "invert") + files(Path(s1["dataset"])))
-    baselines = snapshot(files(run_dir / "evaluate" / "labeled_only") + files(run_dir / "evaluate" / "oracle"))
+    baselines = snapshot(eval_files(run_dir, "labeled_only") + eval_files(run_dir, "oracle"))
+    assert len(baselines) >= 2
     labeler_before = snapshot([run_dir / "fit" / "labeler.safetensors"])
 
     s2, fid = run_factory(cfg, overrides={"labeler": {"min_steps": 12}})
@@ -239,11 +260,13 @@ def test_labeler_change_retrains_the_downstream_model_on_the_new_dataset(tmp_pat
     run_dir = tmp_path / "run"
     cfg = make_config(tmp_path, run_dir, downstream={"baselines": []})
     run_factory(cfg)
-    handsoff = snapshot(files(run_dir / "evaluate" / "handsoff"))
+    handsoff = snapshot(eval_files(run_dir, "handsoff"))
+    assert handsoff
     _, fid = run_factory(cfg, overrides={"labeler": {"min_steps": 12}})
     assert task_states(fid, 4 + 1 + 4)["train-evaluate"] == ["Completed"]
-    after = snapshot(files(run_dir / "evaluate" / "handsoff"))
-    assert after != handsoff, "no new checkpoint: the segmenter was not trained on the new dataset"
+    after = snapshot(eval_files(run_dir, "handsoff"))
+    assert set(after) - set(handsoff) or any(after[p] != v for p, v in handsoff.items() if p in after), (
+        "no new checkpoint: the segmenter was not trained on the new dataset")
 
 
 @pytest.mark.xfail(
@@ -328,31 +351,49 @@ def test_kill_9_during_generation_then_rerun_generates_only_uncommitted_shards(t
     report = storage.verify(str(ds))
     assert report.ok and len(report.checked) == num_shards, str(report)
 
-    ref, _ = run_factory(cfg, overrides={"run_dir": str(tmp_path / "reference")})
-    assert Path(ref["dataset"]).name == ds.name
-    assert checksums(str(ds)) == checksums(ref["dataset"])
+    # the same as an uninterrupted generation (same config and labeler, another run dir)
+    ref = generate_with_labeler(cfg, tmp_path / "reference", summary["labeler"])
+    assert Path(ref).name == ds.name and Path(ref).parent != ds.parent
     assert len(checksums(str(ds))) == 96
-    assert summary["filter"] == ref["filter"]
+    assert checksums(str(ds)) == checksums(ref)
+    resumed, reference = (storage.ShardStore.open(p).manifest() for p in (str(ds), ref))
+    assert resumed["seed"].tolist() == reference["seed"].tolist()
+    assert resumed["score"].tolist() == reference["score"].tolist()
 
 
 # ----------------------------------------------------------------------------- Dask runner
 @pytest.mark.slow
 def test_dask_task_runner_gives_the_same_dataset_as_threads(tmp_path, make_config, monkeypatch):
+    """Generation mapped over a local 2-process Dask cluster (prefect-dask) writes the same bytes as
+    the thread runner. The workers inherit PREFECT_API_URL (conftest) and report to the test server."""
     import flows.factory as factory_module
+    import storage
 
     runners = []
     real = factory_module.make_task_runner
     monkeypatch.setattr(factory_module, "make_task_runner", lambda section: runners.append(real(section)) or runners[-1])
-    gen = {"num_samples": 32, "samples_per_shard": 8}
-    cfg = make_config(tmp_path, tmp_path / "threads", generate=gen, downstream={"enabled": False})
+    cfg = make_config(tmp_path, tmp_path / "threads", generate={"num_samples": 32, "samples_per_shard": 8},
+                      downstream={"enabled": False})
 
     threads, _ = run_factory(cfg, stop_after="filter")
-    dask, fid = run_factory(cfg, overrides={"run_dir": str(tmp_path / "dask"), "runner": {"kind": "dask", "workers": 2}},
-                            stop_after="filter")
+    dask = generate_with_labeler(cfg, tmp_path / "dask", threads["labeler"], {"runner": {"kind": "dask", "workers": 2}})
 
     assert [type(r).__name__ for r in runners] == ["ThreadPoolTaskRunner", "DaskTaskRunner"]
-    assert task_states(fid, 4 + 4)["generate-shards"] == ["Completed"] * 4
-    assert Path(dask["dataset"]).name == Path(threads["dataset"]).name
-    assert len(checksums(dask["dataset"])) == 32
-    assert checksums(dask["dataset"]) == checksums(threads["dataset"])
-    assert dask["filter"] == threads["filter"]
+    assert Path(dask).name == Path(threads["dataset"]).name and Path(dask).parent != Path(threads["dataset"]).parent
+    assert storage.ShardStore.open(dask).is_complete() and storage.verify(dask).ok
+    assert len(checksums(dask)) == 32
+    assert checksums(dask) == checksums(threads["dataset"])
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: fitting the same config twice gives a different labeler hash: safetensors writes the "
+    "metadata map in random order (file_hash of identical weights differs), and HandsOffLabeler.fit "
+    "initialises its ensemble from the global torch RNG (cfg.seed seeds only the pixel sampler)",
+)
+def test_same_config_gives_the_same_labeler_in_another_run_dir(tmp_path, make_config):
+    cfg = make_config(tmp_path, tmp_path / "a", downstream={"enabled": False})
+    a, _ = run_factory(cfg, stop_after="fit")
+    b, _ = run_factory(cfg, overrides={"run_dir": str(tmp_path / "b")}, stop_after="fit")
+    assert a["inversion"]["hash"] == b["inversion"]["hash"]
+    assert a["labeler"]["hash"] == b["labeler"]["hash"]
