@@ -385,6 +385,25 @@ def test_dask_task_runner_gives_the_same_dataset_as_threads(tmp_path, make_confi
     assert checksums(dask) == checksums(threads["dataset"])
 
 
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    raises=AttributeError,
+    reason="BUG: on runner.kind dask, `import storage` in a worker finds Dask's spill directory "
+    "<worker dir>/storage (the worker dir is first on sys.path) before the editable install's finder: "
+    "AttributeError: module 'storage' has no attribute 'ShardStore' (what `labelfoundry run` does)",
+)
+def test_dask_workers_import_the_project_like_the_installed_cli(base, tmp_path, monkeypatch):
+    """The console script has neither the repo root nor the cwd on sys.path (pytest adds the root,
+    which hides the problem); Dask workers inherit the parent's sys.path, so drop the root here."""
+    import storage
+
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if Path(p or ".").resolve() != ROOT])
+    path = generate_with_labeler(base["config"], tmp_path / "run", base["summary"]["labeler"],
+                                 {"runner": {"kind": "dask", "workers": 1}, "generate": {"num_samples": 16}})
+    assert storage.ShardStore.open(path).is_complete()
+
+
 @pytest.mark.xfail(
     strict=True,
     reason="BUG: fitting the same config twice gives a different labeler hash: safetensors writes the "
