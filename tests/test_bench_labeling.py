@@ -66,7 +66,7 @@ def test_run_all_json_keys(bench):
     for k in (
         "gen_ms", "naive_ms", "ours_ms", "naive_peak_mb", "ours_peak_mb", "res", "batch", "channels",
         "hypercolumn_C", "members", "hidden", "speedup", "mem_ratio", "ours_minus_gen_over_gen",
-        "threads", "device", "ours_v2_ms", "speedup_v2", "targets_met",
+        "threads", "device", "ours_v2_ms", "speedup_v2", "targets_met", "gflop_per_image",
     ):
         assert k in out, k
     assert out["hypercolumn_C"] == sum(bench.tap_info(cfg)[0])
