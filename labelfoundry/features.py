@@ -7,13 +7,15 @@ and per-channel, so
 We apply each W_l (a 1x1 conv, all ensemble members stacked) at the tap's native resolution and
 only then upsample the small hidden-width maps, so the full-resolution hypercolumn is never built.
 
-Upsampling is fixed to bilinear with align_corners=False (== F.interpolate's), evaluated with
-grid_sample at exactly the pixels needed: a random pixel subset while fitting, a spatial tile at
-labeling time. Same function in both, peak memory bounded by the tile.
+Upsampling is fixed to bilinear with align_corners=False (== F.interpolate's). While fitting, the
+taps are sampled (grid_sample) at a random pixel subset and then projected; at labeling time each
+resolution is projected on the source rows of one output tile and upsampled exactly by separable
+interpolation, so peak memory is bounded by the tile at any resolution. Same function in both.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -91,26 +93,46 @@ class FactorizedProjection(nn.Module):
         bound = 1.0 / c_total**0.5
         nn.init.uniform_(self.bias, -bound, bound)
 
-    def project_taps(self, taps: list[torch.Tensor]) -> dict[int, torch.Tensor]:
-        """Apply each W_l at its tap's native resolution; taps of equal resolution are summed first
-        (one upsampling per resolution). Returns {resolution: (N, M*H, r, r)}."""
+    def tile(
+        self, taps: list[torch.Tensor], n: int, y0: int, y1: int, out_res: int,
+        weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """First-layer pre-activations of output rows [y0, y1) of image n: (M*H, y1-y0, R).
+
+        Each resolution's taps are projected only on the source rows this tile reads, then
+        upsampled exactly (bilinear, align_corners=False): vertically by a small interpolation
+        matmul, horizontally by 1-D linear interpolation. `weight`/`bias` override the layer's own
+        (the labeler passes them with BatchNorm folded in).
+        """
+        w = self.weight if weight is None else weight
+        b = self.bias if bias is None else bias
         if [t.shape[1] for t in taps] != self.tap_channels:
             raise ValueError(f"tap channels {[t.shape[1] for t in taps]} do not match the labeler's {self.tap_channels}")
-        per_res: dict[int, torch.Tensor] = {}
-        for w_l, t in zip(self.weight.split(self.tap_channels, dim=1), taps):
-            p = torch.einsum("oc,nchw->nohw", w_l.to(t.dtype), t)
-            r = t.shape[-1]
-            per_res[r] = per_res[r] + p if r in per_res else p
-        return per_res
-
-    def gather(self, projected: dict[int, torch.Tensor], grid: torch.Tensor) -> torch.Tensor:
-        """Sum of upsampled projections at grid points: grid (N, P, 2) -> (N, P, M, H)."""
-        out = None
-        for p in projected.values():
-            s = sample_bilinear(p, grid)
-            out = s if out is None else out + s
-        out = out + self.bias.to(out.dtype)
-        return out.reshape(*out.shape[:2], self.members, self.hidden)
+        t_rows, mh = y1 - y0, w.shape[0]
+        out = b.reshape(mh, 1, 1).expand(mh, t_rows, out_res).clone()
+        w_taps = w.split(self.tap_channels, dim=1)
+        by_res: dict[int, list[int]] = {}
+        for i, t in enumerate(taps):
+            by_res.setdefault(t.shape[-1], []).append(i)
+        for r, idx in by_res.items():
+            w_g = torch.cat([w_taps[i] for i in idx], dim=1) if len(idx) > 1 else w_taps[idx[0]]
+            if r == out_res:
+                x = torch.cat([taps[i][n, :, y0:y1] for i in idx]) if len(idx) > 1 else taps[idx[0]][n, :, y0:y1]
+                out += (w_g @ x.reshape(x.shape[0], -1)).view(mh, t_rows, out_res)
+                continue
+            i0, i1, lam = _interp_index(out_res, r, w.device)
+            lo, hi = int(i0[y0]), int(i1[y1 - 1])
+            x = torch.cat([taps[i][n, :, lo : hi + 1] for i in idx]) if len(idx) > 1 else taps[idx[0]][n, :, lo : hi + 1]
+            band = (w_g @ x.reshape(x.shape[0], -1)).view(mh, hi - lo + 1, r)
+            ay = torch.zeros(t_rows, hi - lo + 1, device=w.device, dtype=w.dtype)
+            rows = torch.arange(t_rows, device=w.device)
+            ay.index_put_((rows, i0[y0:y1] - lo), 1 - lam[y0:y1], accumulate=True)
+            ay.index_put_((rows, i1[y0:y1] - lo), lam[y0:y1], accumulate=True)
+            z = torch.einsum("tb,cbr->ctr", ay, band)  # vertical
+            out += F.interpolate(z.reshape(1, mh * t_rows, r), size=out_res, mode="linear", align_corners=False).view(
+                mh, t_rows, out_res
+            )
+        return out
 
     def project_features(self, feats: torch.Tensor) -> torch.Tensor:
         """First layer on features already gathered per member: (N, M, P, C_total) -> (N, M, P, H).
@@ -126,6 +148,19 @@ class FactorizedProjection(nn.Module):
 def gather_taps(taps: list[torch.Tensor], grid: torch.Tensor) -> torch.Tensor:
     """Hypercolumn features at grid points only: grid (N, P, 2) -> (N, P, C_total)."""
     return torch.cat([sample_bilinear(t, grid) for t in taps], dim=-1)
+
+
+@functools.lru_cache(maxsize=64)
+def _interp_index_cpu(out_size: int, in_size: int):
+    x = torch.arange(out_size, dtype=torch.float64)
+    src = ((x + 0.5) * (in_size / out_size) - 0.5).clamp(min=0.0)
+    i0 = src.floor().long().clamp(max=in_size - 1)
+    return i0, (i0 + 1).clamp(max=in_size - 1), (src - i0).float()
+
+
+def _interp_index(out_size: int, in_size: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """F.interpolate's source indices and weights (bilinear, align_corners=False) along one axis."""
+    return tuple(t.to(device) for t in _interp_index_cpu(out_size, in_size))
 
 
 def naive_hypercolumn(taps: list[torch.Tensor], out_res: int) -> torch.Tensor:

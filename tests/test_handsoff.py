@@ -38,11 +38,14 @@ def test_factorized_first_layer_equals_naive_hypercolumn(G, batch):
     R = G.resolution
     hc = naive_hypercolumn(taps, R)  # (N, C, R, R): the papers' materialised hypercolumn
     naive = torch.einsum("oc,nchw->nhwo", proj.weight, hc) + proj.bias
+    # the labeling path: per-image row tiles of any height, projected then upsampled
+    for rows in (1, 5, R):
+        tiles = [torch.cat([proj.tile(taps, n, y, min(R, y + rows), R) for y in range(0, R, rows)], dim=1) for n in range(4)]
+        ours = torch.stack(tiles).permute(0, 2, 3, 1)
+        torch.testing.assert_close(ours, naive, atol=1e-5, rtol=1e-5)
+    # the fitting path (gather the features, then project) is the same function
     ys, xs = _all_pixels(4, R)
     grid = pixel_grid(ys, xs, R)
-    ours = proj.gather(proj.project_taps(taps), grid).reshape(4, R, R, -1)
-    torch.testing.assert_close(ours, naive, atol=1e-5, rtol=1e-5)
-    # the fitting path (gather the features, then project) is the same function
     feats = gather_taps(taps, grid).reshape(4, 1, R * R, -1).expand(-1, 3, -1, -1)
     fit_path = proj.project_features(feats).permute(0, 2, 1, 3).reshape(4, R, R, -1)
     torch.testing.assert_close(fit_path, naive, atol=1e-5, rtol=1e-5)

@@ -50,7 +50,7 @@ class HandsOffConfig(BaseModel):
     tap_layers: tuple[int, ...] | None = None
     tap_max_channels: int | None = None
     include_rgb: bool = False
-    tile_pixels: int = 16384
+    tile_pixels: int = Field(4096, description="output pixels per labeling tile: peak memory is M*H1*4 bytes per pixel")
     seed: int = 0
 
     @property
@@ -220,40 +220,55 @@ class HandsOffLabeler(nn.Module):
 
     # ---------------------------------------------------------------- labeling
     @torch.no_grad()
-    def member_outputs(self, taps: list[torch.Tensor], ys: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
-        """Outputs of every member at pixels (ys, xs) (N, P) -> (N, P, M, K)."""
-        projected = self.net.proj.project_taps(taps)
-        h = self.net.proj.gather(projected, pixel_grid(ys, xs, self.resolution))
-        n, p = h.shape[:2]
-        return self.net.head(h.reshape(n * p, self.cfg.members, -1)).reshape(n, p, self.cfg.members, -1)
+    def _folded(self) -> dict[str, torch.Tensor]:
+        """Eval-mode BatchNorms folded into the first two layers (two passes fewer per tile)."""
+        net = self.net
+        s1 = net.bn1.weight / torch.sqrt(net.bn1.running_var + net.bn1.eps)
+        s2 = (net.bn2.weight / torch.sqrt(net.bn2.running_var + net.bn2.eps)).view(net.members, net.h2)
+        return {
+            "w1": net.proj.weight * s1[:, None],
+            "b1": (net.proj.bias - net.bn1.running_mean) * s1 + net.bn1.bias,
+            "w2": net.w2 * s2[..., None],
+            "b2": ((net.b2 - net.bn2.running_mean.view(net.members, net.h2)) * s2 + net.bn2.bias.view(net.members, net.h2)).unsqueeze(-1),
+            "w3": net.w3,
+            "b3": net.b3.unsqueeze(-1),
+        }
+
+    @torch.no_grad()
+    def tile_outputs(self, taps: list[torch.Tensor], n: int, y0: int, y1: int, folded: dict | None = None) -> torch.Tensor:
+        """Every member's outputs on output rows [y0, y1) of image n: (M, K, (y1-y0)*R)."""
+        f = folded or self._folded()
+        net = self.net
+        h = net.proj.tile(taps, n, y0, y1, self.resolution, weight=f["w1"], bias=f["b1"])
+        h = h.relu_().view(net.members, net.h1, -1)  # (M, H1, P)
+        h = torch.baddbmm(f["b2"], f["w2"], h).relu_()  # (M, H2, P)
+        return torch.baddbmm(f["b3"], f["w3"], h)  # (M, K, P)
 
     @torch.no_grad()
     def label(self, batch: GenBatch) -> LabelBatch:
-        """Label a generated batch, tile by tile; peak memory is bounded by `cfg.tile_pixels`."""
+        """Label a generated batch one image and one row tile at a time; peak memory is bounded by
+        `cfg.tile_pixels` (M*H1 floats per pixel), whatever the resolution or batch size."""
         self.eval()
         taps = batch.taps
         n, R, dev = taps[0].shape[0], self.resolution, taps[0].device
-        projected = self.net.proj.project_taps(taps)
-        M, K = self.cfg.members, self.num_outputs
-        rows = max(1, min(R, self.cfg.tile_pixels // (R * max(n, 1))))
+        K = self.num_outputs
+        rows = max(1, min(R, self.cfg.tile_pixels // R))
         seg = self.cfg.task == "segmentation"
         label = torch.empty((n, R, R) if seg else (n, K, R, R), dtype=torch.uint8 if seg else torch.float32, device=dev)
         unc = torch.empty(n, R, R, device=dev)
-        xs_row = torch.arange(R, device=dev)
-        for y0 in range(0, R, rows):
-            y1 = min(R, y0 + rows)
-            ys, xs = torch.meshgrid(torch.arange(y0, y1, device=dev), xs_row, indexing="ij")
-            ys, xs = ys.reshape(1, -1).expand(n, -1), xs.reshape(1, -1).expand(n, -1)
-            h = self.net.proj.gather(projected, pixel_grid(ys, xs, R))
-            p = h.shape[1]
-            out = self.net.head(h.reshape(n * p, M, -1)).reshape(n, y1 - y0, R, M, K)
-            if seg:
-                probs = out.softmax(-1)
-                label[:, y0:y1] = probs.mean(-2).argmax(-1).to(torch.uint8)
-                unc[:, y0:y1] = js_divergence(probs)
-            else:
-                label[:, :, y0:y1] = out.mean(-2).permute(0, 3, 1, 2)
-                unc[:, y0:y1] = member_variance(out)
+        f = self._folded()
+        for i in range(n):
+            for y0 in range(0, R, rows):
+                y1 = min(R, y0 + rows)
+                out = self.tile_outputs(taps, i, y0, y1, f)  # (M, K, P)
+                if seg:
+                    probs = out.softmax(1).permute(2, 0, 1)  # (P, M, K)
+                    label[i, y0:y1] = probs.mean(1).argmax(-1).view(y1 - y0, R).to(torch.uint8)
+                    unc[i, y0:y1] = js_divergence(probs).view(y1 - y0, R)
+                else:
+                    vals = out.permute(2, 0, 1)  # (P, M, K)
+                    label[i, :, y0:y1] = vals.mean(1).t().reshape(K, y1 - y0, R)
+                    unc[i, y0:y1] = member_variance(vals).view(y1 - y0, R)
         score, top10 = image_scores(unc)
         return LabelBatch(label=label, uncertainty=unc, score=score, score_top10=top10)
 
