@@ -250,12 +250,6 @@ def test_changing_only_drop_top_reruns_filter_and_report(tmp_path, make_config):
     assert storage.verify(path).ok
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: train_eval_task trains in run_dir/evaluate/<method> whatever the dataset, and train_segmenter "
-    "resumes from the newest checkpoint there: after a labeler change the 're-trained' HandsOff segmenter "
-    "resumes at step max_steps of the old dataset's model, trains 0 steps on the new data and reports old metrics",
-)
 def test_labeler_change_retrains_the_downstream_model_on_the_new_dataset(tmp_path, make_config):
     run_dir = tmp_path / "run"
     cfg = make_config(tmp_path, run_dir, downstream={"baselines": []})
@@ -269,12 +263,6 @@ def test_labeler_change_retrains_the_downstream_model_on_the_new_dataset(tmp_pat
         "no new checkpoint: the segmenter was not trained on the new dataset")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: filter_task's result is cached but its output (filters/default.parquet) is shared by every "
-    "filter config of a dataset, so going back to an earlier filter config is a cache hit that leaves the "
-    "other config's flags on disk (summary counts and manifest disagree)",
-)
 def test_going_back_to_an_earlier_filter_config_restores_its_flags(tmp_path, make_config):
     import storage
 
@@ -287,19 +275,16 @@ def test_going_back_to_an_earlier_filter_config_restores_its_flags(tmp_path, mak
     assert int((~m["keep"]).sum()) == s3["filter"]["total"] - s3["filter"]["kept"] == 6
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: train_eval_task's cache key for 'handsoff' has the dataset's manifest hash but not the filter "
-    "flags it trains on, so changing filter.drop_top does not re-train the downstream segmenter",
-)
 def test_changing_drop_top_retrains_the_filtered_downstream_model(tmp_path, make_config):
     cfg = make_config(tmp_path, tmp_path / "run", downstream={"baselines": ["unfiltered"]})
     s1, _ = run_factory(cfg)
     s2, fid = run_factory(cfg, overrides={"filter": {"drop_top": 0.25}})
     states = task_states(fid, 4 + 2 + 4)
     assert states["filter"] == ["Completed"], states
-    assert states["train-evaluate"] == ["Cached", "Completed"], states  # unfiltered cached, handsoff re-trained
-    assert s2["evaluation"]["methods"]["handsoff"]["train_samples"] == 48
+    assert "Completed" in states["train-evaluate"], states  # (the unfiltered baseline need not re-train)
+    assert s1["evaluation"]["methods"]["handsoff"]["train_samples"] == 58
+    assert s2["evaluation"]["methods"]["handsoff"]["train_samples"] == 48  # trained on the new flags
+    assert s2["evaluation"]["methods"]["unfiltered"]["train_samples"] == 64
 
 
 # ----------------------------------------------------------------------------- kill -9 + resume
