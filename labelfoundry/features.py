@@ -114,6 +114,7 @@ class FactorizedProjection(nn.Module):
         by_res: dict[int, list[int]] = {}
         for i, t in enumerate(taps):
             by_res.setdefault(t.shape[-1], []).append(i)
+        small_z, small_a = [], []
         for r, idx in by_res.items():
             w_g = torch.cat([w_taps[i] for i in idx], dim=1) if len(idx) > 1 else w_taps[idx[0]]
             if r == out_res:
@@ -124,14 +125,18 @@ class FactorizedProjection(nn.Module):
             lo, hi = int(i0[y0]), int(i1[y1 - 1])
             x = torch.cat([taps[i][n, :, lo : hi + 1] for i in idx]) if len(idx) > 1 else taps[idx[0]][n, :, lo : hi + 1]
             band = (w_g @ x.reshape(x.shape[0], -1)).view(mh, hi - lo + 1, r)
-            ay = torch.zeros(t_rows, hi - lo + 1, device=w.device, dtype=w.dtype)
-            rows = torch.arange(t_rows, device=w.device)
-            ay.index_put_((rows, i0[y0:y1] - lo), 1 - lam[y0:y1], accumulate=True)
-            ay.index_put_((rows, i1[y0:y1] - lo), lam[y0:y1], accumulate=True)
+            ay = _interp_matrix(out_res, r, w.device)[y0:y1, lo : hi + 1]
             z = torch.einsum("tb,cbr->ctr", ay, band)  # vertical
+            if r <= _SMALL_RES:  # horizontal for all small resolutions at once, below
+                small_z.append(z)
+                small_a.append(_interp_matrix(out_res, r, w.device))
+                continue
             out += F.interpolate(z.reshape(1, mh * t_rows, r), size=out_res, mode="linear", align_corners=False).view(
                 mh, t_rows, out_res
             )
+        if small_z:  # one (rows, sum r) @ (sum r, R) product writes the output once for all of them
+            z = torch.cat(small_z, dim=-1).reshape(mh * t_rows, -1)
+            out += (z @ torch.cat(small_a, dim=1).t()).view(mh, t_rows, out_res)
         return out
 
     def project_features(self, feats: torch.Tensor) -> torch.Tensor:
@@ -156,6 +161,24 @@ def _interp_index_cpu(out_size: int, in_size: int):
     src = ((x + 0.5) * (in_size / out_size) - 0.5).clamp(min=0.0)
     i0 = src.floor().long().clamp(max=in_size - 1)
     return i0, (i0 + 1).clamp(max=in_size - 1), (src - i0).float()
+
+
+_SMALL_RES = 16  # below this, an interpolation matmul beats upsample_linear1d on CPU (measured)
+
+
+@functools.lru_cache(maxsize=64)
+def _interp_matrix_cpu(out_size: int, in_size: int) -> torch.Tensor:
+    i0, i1, lam = _interp_index_cpu(out_size, in_size)
+    a = torch.zeros(out_size, in_size)
+    rows = torch.arange(out_size)
+    a.index_put_((rows, i0), 1 - lam, accumulate=True)
+    a.index_put_((rows, i1), lam, accumulate=True)
+    return a
+
+
+def _interp_matrix(out_size: int, in_size: int, device) -> torch.Tensor:
+    """(out, in) matrix of 1-D bilinear interpolation, align_corners=False (rows sum to 1)."""
+    return _interp_matrix_cpu(out_size, in_size).to(device)
 
 
 def _interp_index(out_size: int, in_size: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
