@@ -16,11 +16,26 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="labelfoundry
 console = Console()
 
 FULL_OVERRIDES = {
-    # The headline configuration: more samples and a longer downstream schedule (tens of minutes on CPU).
+    # The headline configuration: more samples, a longer downstream schedule, the unfiltered control.
     "run_dir": "runs/full",
-    "generate": {"num_samples": 10000},
-    "downstream": {"max_steps": 3000, "test_images": 1000},
+    "generate": {"num_samples": 3000},
+    "downstream": {"max_steps": 1000, "test_images": 1000, "baselines": ["labeled_only", "oracle", "unfiltered"]},
 }
+FULL_50 = {"run_dir": "runs/full-50", "labeled": {"num_images": 50}, "downstream": {"baselines": ["labeled_only", "unfiltered"]}}
+
+
+def headline(s16: dict, s50: dict) -> str:
+    """The headline table: HandsOff vs labeled-only vs oracle at 16 and 50 labels, with/without the filter."""
+    from labelfoundry.evaluation import gap_closed
+    from labelfoundry.report import markdown_table
+
+    m16, m50 = s16["evaluation"]["methods"], s50["evaluation"]["methods"]
+    oracle = m16["oracle"]["miou"]
+    rows = []
+    for n, m in ((16, m16), (50, m50)):
+        lo = m["labeled_only"]["miou"]
+        rows.append([n, m["handsoff"]["miou"], m["unfiltered"]["miou"], lo, oracle, gap_closed(m["handsoff"]["miou"], lo, oracle)])
+    return markdown_table(["labels", "HandsOff (filtered)", "HandsOff (unfiltered)", "labeled-only", "oracle", "gap closed"], rows)
 
 
 def _parse_sets(sets: list[str]) -> dict:
@@ -73,6 +88,13 @@ def run(
 
     summary = factory(config=str(config) if config else None, overrides=overrides)
     console.print_json(json.dumps(summary, default=str))
+    if full:
+        s50 = factory(config=str(config) if config else None, overrides=_merge(overrides, FULL_50))
+        table = headline(summary, s50)
+        path = Path(summary["run_dir"]) / "headline.md"
+        path.write_text(f"# Headline (toy faces, 64², CPU)\n\n{table}\n")
+        console.print(table)
+        console.print(f"headline: {path}")
     console.print(f"[green]done in {time.time() - t0:.0f} s[/green]; report: {summary.get('report')}")
 
 
