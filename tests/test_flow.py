@@ -23,7 +23,7 @@ import pytest
 
 from tests.conftest import ROOT, wait_for
 
-pytestmark = pytest.mark.prefect
+pytestmark = [pytest.mark.prefect, pytest.mark.slow]  # all end-to-end: every test runs the flow
 
 HELPER = Path(__file__).with_name("helpers_flow.py")
 STAGES_WITH_DOWNSTREAM = 4 + 3  # invert, fit, filter, report + train-evaluate x (handsoff + 2 baselines)
@@ -146,7 +146,6 @@ def base(tmp_path_factory, make_config):
     return {"config": cfg, "run_dir": d / "run", "summary": summary, "flow_run_id": fid}
 
 
-@pytest.mark.slow
 def test_rerun_with_same_config_does_no_model_work(base):
     run_dir = base["run_dir"]
     first = task_states(base["flow_run_id"], STAGES_WITH_DOWNSTREAM + 4)
@@ -288,7 +287,6 @@ def test_changing_drop_top_retrains_the_filtered_downstream_model(tmp_path, make
 
 
 # ----------------------------------------------------------------------------- kill -9 + resume
-@pytest.mark.slow
 def test_kill_9_during_generation_then_rerun_generates_only_uncommitted_shards(tmp_path, make_config):
     import storage
     from tasks.common import code_version
@@ -347,7 +345,6 @@ def test_kill_9_during_generation_then_rerun_generates_only_uncommitted_shards(t
 
 
 # ----------------------------------------------------------------------------- Dask runner
-@pytest.mark.slow
 def test_dask_task_runner_gives_the_same_dataset_as_threads(tmp_path, make_config, monkeypatch):
     """Generation mapped over a local 2-process Dask cluster (prefect-dask) writes the same bytes as
     the thread runner. The workers inherit PREFECT_API_URL (conftest) and report to the test server."""
@@ -370,7 +367,6 @@ def test_dask_task_runner_gives_the_same_dataset_as_threads(tmp_path, make_confi
     assert checksums(dask) == checksums(threads["dataset"])
 
 
-@pytest.mark.slow
 @pytest.mark.xfail(
     strict=True,
     raises=AttributeError,
