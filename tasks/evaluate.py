@@ -42,8 +42,10 @@ def train_eval_task(
     labeled_set = ArrayDataset(labeled["image"], labeled["mask"])
     as_task = _fg_bg if binary else (lambda d: d)
     labeled_set = as_task(labeled_set)
-    if method in ("handsoff", "unfiltered"):
-        train = storage.open_dataset(store_path, filter="keep" if method == "handsoff" else None).dataset()
+    from labelfoundry.labelers import METHODS
+
+    if method in METHODS or method == "unfiltered":  # the generated dataset (filtered by default)
+        train = storage.open_dataset(store_path, filter=None if method == "unfiltered" else "keep").dataset()
     elif method == "labeled_only":
         train = labeled_set
     elif method == "oracle":
@@ -57,7 +59,7 @@ def train_eval_task(
     out = Path(run_dir) / "evaluate" / f"{method}-{key}"
     metrics = train_and_evaluate(
         train, test, arch=ds["arch"], num_classes=num_classes, out_dir=out, train_cfg=_train_cfg(ds, seed), device=device,
-        finetune_data=labeled_set if ds["finetune_on_labeled"] and method == "handsoff" else None,
+        finetune_data=labeled_set if ds["finetune_on_labeled"] and method in METHODS else None,
     )
     log.info("%s: mIoU %.3f on %d test images", method, metrics["miou"], len(test))
     return metrics
@@ -77,18 +79,19 @@ def evaluate_stage(cfg, run_dir: Path, inverted: Artifact, store_path: str, mh: 
     from tasks.common import load_generator_cached
 
     R = load_generator_cached(cfg.generator.name, device).resolution
-    methods = ["handsoff"] + [b for b in cfg.downstream.baselines]
+    ours = cfg.labeler.method
+    generated = {ours, "unfiltered"}
     results = {}
-    for m in methods:
+    for m in [ours, *cfg.downstream.baselines]:
         results[m] = cached(train_eval_task, run_dir)(
-            method=m, run_dir=str(run_dir), store_path=store_path if m in ("handsoff", "unfiltered") else None,
-            manifest_hash_=mh if m in ("handsoff", "unfiltered") else None, inverted=inverted,
+            method=m, run_dir=str(run_dir), store_path=store_path if m in generated else None,
+            manifest_hash_=mh if m in generated else None, inverted=inverted,
             labeled_cfg=cfg.labeled.model_dump(), downstream_cfg=cfg.downstream.model_dump(), resolution=R,
             num_classes=len(names), binary=binary, seed=cfg.seed, code_version=cv, device=device,
         )
     out = {"methods": results, "class_names": names, "num_labeled": cfg.labeled.num_images, "labeler": cfg.labeler.method}
     if "labeled_only" in results and "oracle" in results:
-        out["gap_closed"] = gap_closed(results["handsoff"]["miou"], results["labeled_only"]["miou"], results["oracle"]["miou"])
+        out["gap_closed"] = gap_closed(results[ours]["miou"], results["labeled_only"]["miou"], results["oracle"]["miou"])
     (run_dir / "metrics.json").write_text(json.dumps(out, indent=2))
     rows = [[m, r["miou"], r["train_samples"]] for m, r in results.items()]
     md = [f"# Downstream evaluation ({cfg.downstream.arch}, {cfg.downstream.test_images} real test images)", "",
