@@ -68,7 +68,7 @@ def _check_config(config: Optional[Path], overrides: dict) -> None:
     try:
         load_config(config, overrides)
     except ConfigError as e:
-        console.print(f"[red]{e}[/red]")
+        console.print(str(e), style="red", markup=False)
         raise typer.Exit(2) from None
 
 
@@ -119,7 +119,7 @@ def verify(path: str = typer.Argument(..., help="dataset directory or fsspec URL
     import storage
 
     report = storage.verify(path)
-    console.print(str(report))
+    console.print(str(report), markup=False)
     raise typer.Exit(0 if report.ok else 1)
 
 
@@ -178,7 +178,7 @@ def sample(
 
 @app.command("train-generator")
 def train_generator_cmd(
-    out: Path = typer.Option(Path("runs/generator-toyfaces64"), help="training directory (checkpoints, samples)"),
+    out: Path = typer.Option(Path("training/toyfaces-64"), help="training directory (checkpoint.pt resumes exactly)"),
     kimg: float = typer.Option(200.0, help="thousands of real images to show D"),
     device: str = typer.Option("auto", help="cpu | cuda | auto"),
     export: Optional[Path] = typer.Option(None, help="copy the final G_ema + D here (e.g. the package asset)"),

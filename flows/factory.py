@@ -66,7 +66,7 @@ def generate_stage(cfg: RunConfig, run_dir: Path, gh: str, labeler: Artifact, de
     G = load_generator_cached(cfg.generator.name, device)
     lab = load_labeler_cached(labeler.path, labeler.hash, device)
     gen_cfg = cfg.generate.model_dump()
-    path = dataset_path(str(run_dir), gh, labeler, gen_cfg, cfg.seed)
+    path = dataset_path(str(run_dir), gh, labeler, gen_cfg, cfg.seed, cv)
     provenance = {
         "generator": cfg.generator.name, "generator_hash": gh, "labeler": lab.name, "labeler_hash": labeler.hash,
         "generate": gen_cfg, "seed": cfg.seed, "code_version": cv, "task": lab.cfg.task,
@@ -127,6 +127,6 @@ def factory(config: str | None = None, overrides: dict | None = None, stop_after
         if stop_after != "filter" and cfg.downstream.enabled:
             from tasks.evaluate import evaluate_stage
 
-            summary["evaluation"] = evaluate_stage(cfg, run_dir, inverted, store_path, mh + fh, device, cv)
+            summary["evaluation"] = evaluate_stage(cfg, run_dir, inverted, store_path, mh, fh, device, cv)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

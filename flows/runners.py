@@ -12,7 +12,9 @@ def make_task_runner(section):
         from prefect_dask import DaskTaskRunner
 
         return DaskTaskRunner(
-            cluster_kwargs={"n_workers": section.workers, "threads_per_worker": 1, "processes": True, "dashboard_address": None}
+            # memory_limit=0: no spilling, so no spill folder named storage/ in the worker's cwd to shadow our package
+            cluster_kwargs={"n_workers": section.workers, "threads_per_worker": 1, "processes": True,
+                            "dashboard_address": None, "memory_limit": 0}
         )
     try:
         from prefect_ray import RayTaskRunner

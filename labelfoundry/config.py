@@ -38,6 +38,9 @@ LabelerConfig = Annotated[
 ]
 
 
+_LABELER_TAGS = ("handsoff", "gradient_matching", "stylemix", "latent_direction", "labels4free")
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -137,7 +140,10 @@ def parse_config(data: dict | None, origin: str = "<config>") -> RunConfig:
     except ValidationError as e:
         lines = []
         for err in e.errors():
-            key = ".".join(str(p) for p in err["loc"]) or "<root>"
+            loc = list(err["loc"])
+            if len(loc) > 1 and loc[0] == "labeler" and loc[1] in _LABELER_TAGS:  # hide the union's tag
+                del loc[1]
+            key = ".".join(str(p) for p in loc) or "<root>"
             lines.append(f"  {key}: {err['msg']}")
         raise ConfigError(f"{origin}: invalid run config\n" + "\n".join(lines)) from None
 

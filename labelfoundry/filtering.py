@@ -14,7 +14,7 @@ import pandas as pd
 
 def uncertainty_flags(manifest: pd.DataFrame, drop_top: float, score: str = "score") -> pd.Series:
     """True where the sample is among the floor(drop_top * N) highest-scoring (most uncertain)."""
-    n_drop = math.floor(drop_top * len(manifest))
+    n_drop = math.floor(round(drop_top * len(manifest), 9))  # 0.29 * 100 is 28.999... in floating point
     order = manifest.sort_values([score, "sample_id"], ascending=[False, True]).index[:n_drop]
     flags = pd.Series(False, index=manifest.index)
     flags.loc[order] = True

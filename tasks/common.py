@@ -28,8 +28,15 @@ class Artifact(BaseModel):
 
 
 def file_hash(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Content hash. safetensors headers list their metadata in arbitrary order, so for those the
+    header is hashed with sorted keys: identical weights and config give identical hashes."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
+        if str(path).endswith(".safetensors"):
+            import json
+
+            n = int.from_bytes(f.read(8), "little")
+            h.update(json.dumps(json.loads(f.read(n)), sort_keys=True).encode())
         while b := f.read(chunk):
             h.update(b)
     return h.hexdigest()

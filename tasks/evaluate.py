@@ -65,7 +65,7 @@ def train_eval_task(
     return metrics
 
 
-def evaluate_stage(cfg, run_dir: Path, inverted: Artifact, store_path: str, mh: str, device: str, cv: str) -> dict:
+def evaluate_stage(cfg, run_dir: Path, inverted: Artifact, store_path: str, mh: str, fh: str, device: str, cv: str) -> dict:
     """Train/evaluate every method (each a cached task), then write metrics.json and the report."""
     log = get_run_logger()
     if cfg.labeled.source != "toyfaces":
@@ -85,7 +85,7 @@ def evaluate_stage(cfg, run_dir: Path, inverted: Artifact, store_path: str, mh: 
     for m in [ours, *cfg.downstream.baselines]:
         results[m] = cached(train_eval_task, run_dir)(
             method=m, run_dir=str(run_dir), store_path=store_path if m in generated else None,
-            manifest_hash_=mh if m in generated else None, inverted=inverted,
+            manifest_hash_=(mh + fh if m == ours else mh) if m in generated else None, inverted=inverted,
             labeled_cfg=cfg.labeled.model_dump(), downstream_cfg=cfg.downstream.model_dump(), resolution=R,
             num_classes=len(names), binary=binary, seed=cfg.seed, code_version=cv, device=device,
         )

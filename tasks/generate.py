@@ -14,10 +14,10 @@ from labelfoundry.generation import generate_samples
 from .common import Artifact, load_generator_cached, load_labeler_cached, set_threads
 
 
-def dataset_path(run_dir: str, generator_hash: str, labeler: Artifact, gen_cfg: dict, seed: int) -> str:
+def dataset_path(run_dir: str, generator_hash: str, labeler: Artifact, gen_cfg: dict, seed: int, code_version: str) -> str:
     """Each (generator, labeler, generate config, seed) gets its own dataset directory, so a changed
     upstream never mixes into, or overwrites, samples already stored."""
-    key = hashlib.sha256(json.dumps([generator_hash, labeler.hash, gen_cfg, seed], sort_keys=True).encode()).hexdigest()
+    key = hashlib.sha256(json.dumps([generator_hash, labeler.hash, gen_cfg, seed, code_version], sort_keys=True).encode()).hexdigest()
     return str(Path(run_dir) / "datasets" / key[:12])
 
 

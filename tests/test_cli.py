@@ -31,12 +31,6 @@ def exited_cleanly(res) -> bool:
     return res.exception is None or isinstance(res.exception, SystemExit)
 
 
-VERIFY_MARKUP = pytest.mark.xfail(
-    strict=True,
-    reason="BUG (flows/cli.py verify): console.print(str(report)) parses the report as Rich markup; a bad "
-    "shard's '[<path>]' is read as a closing tag, so verify crashes with MarkupError and prints nothing",
-)
-
 
 @pytest.fixture
 def dataset(tmp_path) -> Path:
@@ -99,7 +93,6 @@ def test_verify_missing_shard_file_exits_1(dataset):
     assert invoke("verify", dataset).exit_code == 1
 
 
-@VERIFY_MARKUP
 def test_verify_prints_the_bad_shard_and_its_file(dataset):
     import storage
 

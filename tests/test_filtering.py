@@ -21,10 +21,8 @@ def manifest(scores, ids=None, index=None, **cols) -> pd.DataFrame:
 @pytest.mark.parametrize(
     "n, q",
     [(10, 0.25), (10, 0.1), (64, 0.1), (7, 0.1), (100, 0.0), (30, 0.1), (10, 0.7), (3, 0.99),
-     pytest.param(100, 0.29, marks=pytest.mark.xfail(
-         strict=True, reason="BUG: math.floor(0.29 * 100) == 28 in floating point: drop_top 0.29 of 100 drops 28, not 29")),
-     pytest.param(100, 0.57, marks=pytest.mark.xfail(
-         strict=True, reason="BUG: math.floor(0.57 * 100) == 56 in floating point"))],
+     (100, 0.29),
+     (100, 0.57)],
 )
 def test_uncertainty_flags_drop_exactly_floor_q_n_of_the_highest_scores(n, q):
     rng = np.random.default_rng(n)

@@ -369,13 +369,6 @@ def test_dask_task_runner_gives_the_same_dataset_as_threads(tmp_path, make_confi
     assert checksums(dask) == checksums(threads["dataset"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AttributeError,
-    reason="BUG: on runner.kind dask, `import storage` in a worker finds Dask's spill directory "
-    "<worker dir>/storage (the worker dir is first on sys.path) before the editable install's finder: "
-    "AttributeError: module 'storage' has no attribute 'ShardStore' (what `labelfoundry run` does)",
-)
 def test_dask_workers_import_the_project_like_the_installed_cli(base, tmp_path, monkeypatch):
     """The console script has neither the repo root nor the cwd on sys.path (pytest adds the root,
     which hides the problem); Dask workers inherit the parent's sys.path, so drop the root here."""
@@ -387,13 +380,6 @@ def test_dask_workers_import_the_project_like_the_installed_cli(base, tmp_path, 
     assert storage.ShardStore.open(path).is_complete()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=LayoutMismatchError,
-    reason="BUG: dataset_path() keys the dataset dir on generator, labeler, generate config and seed, but "
-    "the provenance in dataset.json also holds code_version: generating again after any source change with "
-    "an unchanged labeler raises LayoutMismatchError (masked today because a re-fit changes the labeler hash)",
-)
 def test_generation_after_a_code_change_with_the_same_labeler_does_not_fail(base, tmp_path):
     import storage
 
@@ -403,12 +389,6 @@ def test_generation_after_a_code_change_with_the_same_labeler_does_not_fail(base
     assert storage.ShardStore.open(path).is_complete()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: fitting the same config twice gives a different labeler hash: safetensors writes the "
-    "metadata map in random order (file_hash of identical weights differs), and HandsOffLabeler.fit "
-    "initialises its ensemble from the global torch RNG (cfg.seed seeds only the pixel sampler)",
-)
 def test_same_config_gives_the_same_labeler_in_another_run_dir(tmp_path, make_config):
     cfg = make_config(tmp_path, tmp_path / "a", downstream={"enabled": False})
     a, _ = run_factory(cfg, stop_after="fit")

@@ -171,7 +171,9 @@ class HandsOffLabeler(nn.Module):
                 counts = torch.bincount(target.long().flatten(), minlength=num_classes).float()
                 inv = 1.0 / counts.clamp(min=1.0)
                 weight = inv[target.long().squeeze(1)] * weight
-        self = cls(cfg, tap_ch, R, out, meta={"num_classes": num_classes})
+        with torch.random.fork_rng(devices=[]):  # same config -> same initial members
+            torch.manual_seed(cfg.seed)
+            self = cls(cfg, tap_ch, R, out, meta={"num_classes": num_classes})
         self.to(dev).train()
         G = G.to(dev).eval()
         ws = ws.to(dev)
