@@ -332,7 +332,10 @@ def test_dataloader_ranks_and_workers_see_each_sample_once(tmp_path):
     for rank in range(2):
         ds = opened.iterable(shuffle=True, seed=3, rank=rank, world_size=2)
         ds.set_epoch(1)
-        got = [int(item["sample_id"]) for item in DataLoader(ds, batch_size=None, num_workers=2)]
+        # spawn: workers start clean (no inherited threads from a Prefect server in this process) and
+        # receive the dataset pickled, which must carry only the path and ids and open the store lazily
+        loader = DataLoader(ds, batch_size=None, num_workers=2, multiprocessing_context="spawn")
+        got = [int(item["sample_id"]) for item in loader]
         assert len(got) == len(ds)
         seen += got
     assert sorted(seen) == selected  # every selected sample exactly once across 2 ranks x 2 workers
