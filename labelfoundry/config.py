@@ -89,7 +89,7 @@ class DownstreamSection(_Strict):
     enabled: bool = True
     arch: str = "tiny_unet"
     epochs: int = 10
-    max_steps: int | None = 600
+    max_steps: int | None = 300
     batch_size: int = 32
     lr: float = 1e-3
     test_images: int = 500
