@@ -10,7 +10,7 @@ from prefect import get_run_logger, task
 
 from labelfoundry.domains import load_labeled
 from labelfoundry.inversion.optimize import InversionConfig, invert
-from labelfoundry.report import sample_grid, save_png
+from labelfoundry.report import save_png
 
 from .common import Artifact, file_hash, load_generator_cached
 

@@ -164,7 +164,7 @@ def test_save_load_gives_identical_labels(G, fitted, tmp_path):
     a, c = fitted.label(b), loaded.label(b)
     for k in ("label", "uncertainty", "score", "score_top10"):
         assert torch.equal(getattr(a, k), getattr(c, k)), k
-    with pytest.raises(ValueError, match="not a Labels4Free"):
+    with pytest.raises(ValueError, match="not a labelfoundry-labels4free file"):
         from labelfoundry.labelers.latent_direction import LatentDirectionConfig, LatentDirectionLabeler
 
         LatentDirectionLabeler(LatentDirectionConfig(), G.cfg).save(tmp_path / "ld.safetensors")

@@ -216,7 +216,7 @@ def test_load_rejects_other_formats(tmp_path):
     from safetensors.torch import save_file
 
     save_file({"x": torch.zeros(1)}, str(tmp_path / "x.safetensors"), metadata={"format": "labelfoundry-handsoff"})
-    with pytest.raises(ValueError, match="not a latent-direction"):
+    with pytest.raises(ValueError, match="not a labelfoundry-latent_direction file"):
         LatentDirectionLabeler.load(tmp_path / "x.safetensors")
 
 

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from ..features import TapSpec
 
@@ -37,3 +41,23 @@ class Labeler(Protocol):
     def label(self, batch: GenBatch) -> LabelBatch: ...
 
     def save(self, path: str) -> None: ...
+
+
+def write_labeler(path: str | os.PathLike, module: torch.nn.Module, fmt: str, meta: dict[str, str]) -> None:
+    """A labeler's state_dict as safetensors with string metadata (format, version added), written
+    atomically: a crash mid-write never leaves a half file under `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    save_file(tensors, str(tmp), metadata={"format": fmt, "version": "1", **meta})
+    os.replace(tmp, path)
+
+
+def read_labeler(path: str | os.PathLike, fmt: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """(metadata, state) of a file written by `write_labeler`, refusing files of another format."""
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != fmt:
+            raise ValueError(f"{path}: not a {fmt} file (format={meta.get('format')!r}); was it saved by another labeler?")
+        return meta, {k: f.get_tensor(k) for k in f.keys()}

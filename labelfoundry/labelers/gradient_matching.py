@@ -36,21 +36,18 @@ import math
 import os
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from ..domains.base import LabeledSample
 from ..features import TapSpec, generate_with_taps
 from ..uncertainty import entropy, image_scores
-from .base import GenBatch, LabelBatch
+from .base import GenBatch, LabelBatch, read_labeler, write_labeler
 
 FORMAT = "labelfoundry-gradient_matching"
 
@@ -402,24 +399,14 @@ class GradientMatchingLabeler(nn.Module):
     # ---------------------------------------------------------------- persistence
     def save(self, path: str | os.PathLike) -> None:
         """safetensors weights + JSON config; written atomically (temp file + os.replace)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        meta = {
-            "format": FORMAT, "version": "1", "config": self.cfg.model_dump_json(),
+        write_labeler(path, self, FORMAT, { "config": self.cfg.model_dump_json(),
             "tap_channels": json.dumps(self.tap_channels), "tap_layers": json.dumps(self.tap_layers),
             "resolution": str(self.resolution), "num_outputs": str(self.num_outputs), "meta": json.dumps(self.meta),
-        }
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, str(tmp), metadata=meta)
-        os.replace(tmp, path)
+        })
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "GradientMatchingLabeler":
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != FORMAT:
-                raise ValueError(f"{path}: not a gradient-matching labeler file (format={meta.get('format')!r})")
-            state = {k: f.get_tensor(k) for k in f.keys()}
+        meta, state = read_labeler(path, FORMAT)
         layers = json.loads(meta["tap_layers"])
         self = cls(
             GradientMatchingConfig.model_validate_json(meta["config"]), json.loads(meta["tap_channels"]),

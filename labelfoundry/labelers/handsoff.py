@@ -14,19 +14,16 @@ import math
 import os
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from ..features import FactorizedProjection, TapSpec, gather_taps, generate_with_taps, pixel_grid
 from ..uncertainty import image_scores, js_divergence, member_variance
-from .base import GenBatch, LabelBatch
+from .base import GenBatch, LabelBatch, read_labeler, write_labeler
 
 Task = Literal["segmentation", "keypoints", "depth"]
 
@@ -277,24 +274,15 @@ class HandsOffLabeler(nn.Module):
     # ---------------------------------------------------------------- persistence
     def save(self, path: str | os.PathLike) -> None:
         """safetensors weights + JSON config; written atomically."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        meta = {
-            "format": "labelfoundry-handsoff", "version": "1", "config": self.cfg.model_dump_json(),
+        write_labeler(path, self, "labelfoundry-handsoff", {
+            "config": self.cfg.model_dump_json(),
             "tap_channels": json.dumps(self.tap_channels), "resolution": str(self.resolution),
             "num_outputs": str(self.num_outputs), "meta": json.dumps(self.meta),
-        }
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, str(tmp), metadata=meta)
-        os.replace(tmp, path)
+        })
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "HandsOffLabeler":
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != "labelfoundry-handsoff":
-                raise ValueError(f"{path}: not a HandsOff labeler file (format={meta.get('format')!r})")
-            state = {k: f.get_tensor(k) for k in f.keys()}
+        meta, state = read_labeler(path, "labelfoundry-handsoff")
         self = cls(
             HandsOffConfig.model_validate_json(meta["config"]), json.loads(meta["tap_channels"]),
             int(meta["resolution"]), int(meta["num_outputs"]), json.loads(meta["meta"]),

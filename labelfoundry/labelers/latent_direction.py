@@ -48,21 +48,18 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import kornia
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from ..features import TapSpec
 from ..generators.stylegan2 import Generator, StyleGAN2Config
 from ..uncertainty import image_scores
-from .base import GenBatch, LabelBatch
+from .base import GenBatch, LabelBatch, read_labeler, write_labeler
 
 FORMAT = "labelfoundry-latent_direction"
 _LUMA = (0.2989, 0.5870, 0.1140)  # ITU-R 601 weights, as in the authors' rgb2gray
@@ -418,24 +415,14 @@ class LatentDirectionLabeler(nn.Module):
     # ---------------------------------------------------------------- persistence
     def save(self, path: str | os.PathLike) -> None:
         """safetensors (directions + the embedded generator) + JSON config; written atomically."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        meta = {
-            "format": FORMAT, "version": "1", "config": self.cfg.model_dump_json(),
+        write_labeler(path, self, FORMAT, { "config": self.cfg.model_dump_json(),
             "generator": json.dumps(self.G.cfg.to_json()), "resolution": str(self.resolution),
             "num_outputs": str(self.num_outputs), "meta": json.dumps(self.meta),
-        }
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, str(tmp), metadata=meta)
-        os.replace(tmp, path)
+        })
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "LatentDirectionLabeler":
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != FORMAT:
-                raise ValueError(f"{path}: not a latent-direction labeler file (format={meta.get('format')!r})")
-            state = {k: f.get_tensor(k) for k in f.keys()}
+        meta, state = read_labeler(path, FORMAT)
         self = cls(
             LatentDirectionConfig.model_validate_json(meta["config"]),
             StyleGAN2Config.from_json(json.loads(meta["generator"])), json.loads(meta["meta"]),

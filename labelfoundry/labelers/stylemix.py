@@ -31,20 +31,17 @@ import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from ..domains.base import LabeledSample
 from ..features import TapSpec
 from ..uncertainty import image_scores
-from .base import GenBatch, LabelBatch
+from .base import GenBatch, LabelBatch, read_labeler, write_labeler
 
 FORMAT = "labelfoundry-stylemix"
 PAPER_NUM_WS, PAPER_CUTOFF = 18, 8  # 1024² StyleGAN2 (18 ws), mixing cutoff c = 8 (§3.1, Fig. 2)
@@ -323,26 +320,16 @@ class StyleMixLabeler(nn.Module):
     # ---------------------------------------------------------------- persistence
     def save(self, path: str | os.PathLike) -> None:
         """safetensors (generator copy + style latents) + JSON config; written atomically."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        meta = {
-            "format": FORMAT, "version": "1", "config": self.cfg.model_dump_json(),
+        write_labeler(path, self, FORMAT, { "config": self.cfg.model_dump_json(),
             "generator_config": json.dumps(self.G.cfg.to_json()), "resolution": str(self.resolution),
             "num_outputs": str(self.num_outputs), "meta": json.dumps(self.meta),
-        }
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, str(tmp), metadata=meta)
-        os.replace(tmp, path)
+        })
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "StyleMixLabeler":
         from ..generators.stylegan2 import Generator, StyleGAN2Config
 
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != FORMAT:
-                raise ValueError(f"{path}: not a stylemix labeler file (format={meta.get('format')!r})")
-            state = {k: f.get_tensor(k) for k in f.keys()}
+        meta, state = read_labeler(path, FORMAT)
         G = Generator(StyleGAN2Config.from_json(json.loads(meta["generator_config"]))).requires_grad_(False).eval()
         self = cls(StyleMixConfig.model_validate_json(meta["config"]), G, state["style_ws"], json.loads(meta["meta"]))
         self.load_state_dict(state)
