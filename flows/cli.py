@@ -10,6 +10,8 @@ from typing import Optional
 import typer
 from rich.console import Console
 
+from labelfoundry.config import deep_merge
+
 from .env import configure_prefect_env
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="labelfoundry: a labeled-dataset factory on StyleGAN2.")
@@ -55,13 +57,6 @@ def _parse_sets(sets: list[str]) -> dict:
     return out
 
 
-def _merge(a: dict, b: dict) -> dict:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def _check_config(config: Optional[Path], overrides: dict) -> None:
     from labelfoundry.config import ConfigError, load_config
 
@@ -79,7 +74,7 @@ def run(
     set_: list[str] = typer.Option([], "--set", help="override a config key: --set generate.num_samples=500"),
 ) -> None:
     """Run the whole factory: invert -> fit -> generate -> filter -> report -> train + evaluate."""
-    overrides = _merge(FULL_OVERRIDES if full else {}, _parse_sets(set_))
+    overrides = deep_merge(FULL_OVERRIDES if full else {}, _parse_sets(set_))
     _check_config(config, overrides)
     configure_prefect_env()
     t0 = time.time()
@@ -89,7 +84,7 @@ def run(
     summary = factory(config=str(config) if config else None, overrides=overrides)
     console.print_json(json.dumps(summary, default=str))
     if full:
-        s50 = factory(config=str(config) if config else None, overrides=_merge(overrides, FULL_50))
+        s50 = factory(config=str(config) if config else None, overrides=deep_merge(overrides, FULL_50))
         table = headline(summary, s50)
         path = Path(summary["run_dir"]) / "headline.md"
         path.write_text(f"# Headline (toy faces, 64², CPU)\n\n{table}\n")
@@ -130,10 +125,8 @@ def show(
     n: int = typer.Option(8, help="samples in the grid"),
 ) -> None:
     """Print a dataset summary and write a sample grid (image | label | overlay | uncertainty)."""
-    import numpy as np
-
     import storage
-    from labelfoundry.report import sample_grid, save_png
+    from labelfoundry.report import samples_grid, save_png
 
     store = storage.ShardStore.open(path)
     m = store.manifest()
@@ -141,9 +134,7 @@ def show(
     if "keep" in m:
         console.print(f"kept by filter: {int(m['keep'].sum())}")
     console.print(m.describe().loc[["mean", "min", "max"], ["score", "score_top10"]].to_string())
-    s = [store.read_sample(int(i)) for i in m["sample_id"].head(n)]
-    grid = sample_grid(np.stack([x["image"] for x in s]), np.stack([x["label"] for x in s]),
-                       np.stack([x["uncertainty"] for x in s]) if "uncertainty" in s[0] else None, store.info["schema"]["colors"], max_rows=n)
+    grid = samples_grid([store.read_sample(int(i)) for i in m["sample_id"].head(n)], store.info["schema"]["colors"], max_rows=n)
     console.print(f"grid: {save_png(grid, out)}")
 
 

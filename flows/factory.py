@@ -36,20 +36,15 @@ def run_stage(task, **kwargs) -> Artifact:
 
 
 @flow(name="generate-shards")
-def generate_subflow(
-    run_dir: str, store_path: str, groups: list[list[int]], generator: str, generator_hash_: str,
-    labeler: Artifact, gen_cfg: dict, seed: int, device: str, torch_threads: int, code_version_: str,
-) -> None:
-    """Map one task per shard group over the configured task runner, with a progress artifact."""
+def generate_subflow(run_dir: str, groups: list[list[int]], task_args: dict) -> None:
+    """Map one task per shard group over the configured task runner, with a progress artifact.
+    task_args: every generate_shards_task argument but shard_indices."""
     log = get_run_logger()
-    progress_id = create_progress_artifact(0.0, key="generation-progress", description=f"shards committed in {store_path}")
-    task_ = cached(generate_shards_task, run_dir, tags=["gpu"] if device == "cuda" else [])
-    futures = task_.map(
-        store_path=unmapped(store_path), shard_indices=groups, generator=unmapped(generator),
-        generator_hash=unmapped(generator_hash_), labeler=unmapped(labeler), gen_cfg=unmapped(gen_cfg),
-        run_seed=unmapped(seed), code_version=unmapped(code_version_), device=unmapped(device),
-        torch_threads=unmapped(torch_threads),
+    progress_id = create_progress_artifact(
+        0.0, key="generation-progress", description=f"shards committed in {task_args['store_path']}"
     )
+    task_ = cached(generate_shards_task, run_dir, tags=["gpu"] if task_args["device"] == "cuda" else [])
+    futures = task_.map(shard_indices=groups, **{k: unmapped(v) for k, v in task_args.items()})
     done = 0
     for fut in as_completed(futures):
         fut.result()
@@ -74,17 +69,13 @@ def generate_stage(cfg: RunConfig, run_dir: Path, gh: str, labeler: Artifact, de
     store = prepare_store(path, G, lab, gen_cfg, provenance)
     k = cfg.generate.shards_per_task
     groups = [list(range(i, min(i + k, store.num_shards))) for i in range(0, store.num_shards, k)]
-    runner = make_task_runner(cfg.runner)
-    args = dict(run_dir=str(run_dir), store_path=path, generator=cfg.generator.name, generator_hash_=gh, labeler=labeler,
-                gen_cfg=gen_cfg, seed=cfg.seed, device=device, torch_threads=cfg.runner.torch_threads, code_version_=cv)
-    generate_subflow.with_options(task_runner=runner)(groups=groups, **args)
+    task_args = dict(store_path=path, generator=cfg.generator.name, generator_hash=gh, labeler=labeler, gen_cfg=gen_cfg,
+                     run_seed=cfg.seed, code_version=cv, device=device, torch_threads=cfg.runner.torch_threads)
+    generate_subflow.with_options(task_runner=make_task_runner(cfg.runner))(run_dir=str(run_dir), groups=groups, task_args=task_args)
     missing = storage.ShardStore.open(path).uncommitted_shards()
     if missing:  # a cached task whose shard was deleted since: regenerate without the cache
         get_run_logger().warning("shards %s not committed after generation; regenerating them", missing[:10])
-        cached(generate_shards_task, run_dir, refresh=True)(
-            store_path=path, shard_indices=missing, generator=cfg.generator.name, generator_hash=gh, labeler=labeler,
-            gen_cfg=gen_cfg, run_seed=cfg.seed, code_version=cv, device=device, torch_threads=cfg.runner.torch_threads,
-        )
+        cached(generate_shards_task, run_dir, refresh=True)(shard_indices=missing, **task_args)
     return path
 
 

@@ -41,6 +41,12 @@ def sample_grid(images, labels=None, uncertainty=None, colors=None, max_rows: in
     return np.kron(grid, np.ones((scale, scale, 1), dtype=np.uint8)) if scale > 1 else grid
 
 
+def samples_grid(samples: list[dict], colors, max_rows: int = 8) -> np.ndarray:
+    """`sample_grid` over samples as read from a store ({image, label, uncertainty?} dicts)."""
+    unc = np.stack([x["uncertainty"] for x in samples]) if "uncertainty" in samples[0] else None
+    return sample_grid(np.stack([x["image"] for x in samples]), np.stack([x["label"] for x in samples]), unc, colors, max_rows)
+
+
 def save_png(array: np.ndarray, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

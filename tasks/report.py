@@ -5,12 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 import storage
-from labelfoundry.report import histogram_png, markdown_table, sample_grid, save_png
+from labelfoundry.report import histogram_png, markdown_table, samples_grid, save_png
 
 
 def dataset_report(store_path: str, out_dir: Path, counts: dict, max_rows: int = 8) -> str:
@@ -26,11 +25,7 @@ def dataset_report(store_path: str, out_dir: Path, counts: dict, max_rows: int =
     for name, rows in picks.items():
         if rows.empty:
             continue
-        s = [store.read_sample(int(i)) for i in rows["sample_id"]]
-        grid = sample_grid(
-            np.stack([x["image"] for x in s]), np.stack([x["label"] for x in s]),
-            np.stack([x["uncertainty"] for x in s]) if "uncertainty" in s[0] else None, schema["colors"],
-        )
+        grid = samples_grid([store.read_sample(int(i)) for i in rows["sample_id"]], schema["colors"])
         p = save_png(grid, out_dir / f"samples-{name}.png")
         lines += [f"## {name} samples (image | label | overlay | uncertainty)", f"![{name}]({p.resolve().as_uri()})", ""]
     cut = float(kept["score"].max()) if len(dropped) else None
