@@ -197,7 +197,7 @@ class SynthesisNetwork(nn.Module):
             in_ch = cfg.channels[res // 2] if res > 4 else 0
             block = SynthesisBlock(
                 in_ch, cfg.channels[res], cfg.w_dim, res, cfg.img_channels,
-                use_fp16=res >= fp16_res and cfg.num_fp16_res > 0, conv_clamp=cfg.conv_clamp,
+                use_fp16=res >= fp16_res, conv_clamp=cfg.conv_clamp,
             )
             setattr(self, f"b{res}", block)
         self.tap_channels = []
