@@ -10,6 +10,7 @@ topmost layer covering at least half of it.
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import numpy as np
 import torch
@@ -29,6 +30,17 @@ _SPLIT_BASE = {"train": 0, "val": 1_000_000_000, "test": 2_000_000_000}
 _SKIN = np.array([[255, 224, 196], [234, 192, 160], [198, 145, 110], [150, 100, 70], [95, 62, 42]], np.float32)
 _HAIR = np.array([[25, 20, 18], [80, 50, 30], [140, 95, 55], [215, 180, 110], [160, 60, 30], [170, 170, 170]], np.float32)
 _IRIS = np.array([[60, 40, 25], [50, 90, 150], [70, 110, 60], [30, 25, 20]], np.float32)
+
+Style = Literal["photo", "flat"]
+# style="flat": one fixed cartoon colour per part, so the look is out of domain (no background
+# gradient/texture, no shading, no per-face tones) while geometry, masks and keypoints stay those of
+# "photo". Parts are classes plus the unlabelled iris/pupil and the glasses lens (under the eyes).
+FLAT_COLORS: dict[str, tuple[int, int, int]] = {
+    "background": (120, 200, 230), "skin": (255, 214, 120), "ears": (245, 170, 90), "hair": (150, 40, 170),
+    "eyes": (255, 255, 255), "iris": (0, 170, 120), "pupil": (0, 0, 0), "brows": (90, 20, 110),
+    "nose": (250, 120, 80), "mouth": (230, 0, 80), "lens": (200, 240, 255), "glasses": (30, 30, 60),
+    "hat": (40, 110, 255),
+}
 
 
 def split_seeds(split: str, n: int, offset: int = 0) -> list[int]:
@@ -99,8 +111,10 @@ def _b(v: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def render(seeds: list[int], resolution: int = 64, device: str | torch.device = "cpu") -> dict[str, np.ndarray]:
-    """Render faces for `seeds`.
+def render(
+    seeds: list[int], resolution: int = 64, device: str | torch.device = "cpu", style: Style = "photo"
+) -> dict[str, np.ndarray]:
+    """Render faces for `seeds`; `style` changes only the colours (see FLAT_COLORS), never the labels.
 
     Returns image uint8 (B,H,W,3), mask int64 (B,H,W) in CLASSES ids, keypoints float32 (B,5,3)
     as (x, y, visible) in pixel units (pixel centres at integer coordinates), depth float32 (B,H,W)
@@ -111,6 +125,9 @@ def render(seeds: list[int], resolution: int = 64, device: str | torch.device = 
         raise ValueError(f"resolution must be a power of two >= 8, got {resolution}")
     if len(seeds) == 0:
         raise ValueError("render() needs at least one seed")
+    if style not in ("photo", "flat"):
+        raise ValueError(f"unknown style {style!r}; choose 'photo' or 'flat'")
+    flat = style == "flat"
     P = _stack([_params(int(s)) for s in seeds], device)
     B, R = len(seeds), resolution
     px = 2.0 / R  # size of one pixel in normalised coordinates
@@ -127,18 +144,25 @@ def render(seeds: list[int], resolution: int = 64, device: str | torch.device = 
     def cov(sdf: torch.Tensor) -> torch.Tensor:
         return (0.5 - sdf / px).clamp(0.0, 1.0)
 
-    # Background: linear gradient + low-frequency texture.
-    ang = _b(P["bg_angle"])
-    t = (0.5 + 0.5 * (torch.cos(ang) * gx + torch.sin(ang) * gy) / math.sqrt(2)).unsqueeze(-1)
-    img = P["bg0"].reshape(B, 1, 1, 3) * (1 - t) + P["bg1"].reshape(B, 1, 1, 3) * t
-    f, ph = P["tex_f"], P["tex_ph"]
-    tex = torch.sin(math.pi * _b(f[:, 0]) * gx + _b(ph[:, 0])) * torch.sin(math.pi * _b(f[:, 1]) * gy + _b(ph[:, 1]))
-    img = img + (_b(P["tex_amp"]) * tex).unsqueeze(-1)
+    if flat:
+        flat_col = {k: torch.tensor(v, dtype=torch.float32, device=device) for k, v in FLAT_COLORS.items()}
+        img = flat_col["background"].expand(B, R, R, 3)
+    else:
+        # Background: linear gradient + low-frequency texture.
+        ang = _b(P["bg_angle"])
+        t = (0.5 + 0.5 * (torch.cos(ang) * gx + torch.sin(ang) * gy) / math.sqrt(2)).unsqueeze(-1)
+        img = P["bg0"].reshape(B, 1, 1, 3) * (1 - t) + P["bg1"].reshape(B, 1, 1, 3) * t
+        f, ph = P["tex_f"], P["tex_ph"]
+        tex = torch.sin(math.pi * _b(f[:, 0]) * gx + _b(ph[:, 0])) * torch.sin(math.pi * _b(f[:, 1]) * gy + _b(ph[:, 1]))
+        img = img + (_b(P["tex_amp"]) * tex).unsqueeze(-1)
     mask = torch.zeros(B, R, R, dtype=torch.int64, device=device)
 
-    def layer(alpha: torch.Tensor, color: torch.Tensor, cls: int | None) -> None:
+    def layer(alpha: torch.Tensor, color: torch.Tensor, cls: int | None, part: str | None = None) -> None:
+        """Composite one part over `img`; `part` names its flat colour when it is not its class's."""
         nonlocal img, mask
         a = alpha.unsqueeze(-1)
+        if flat:
+            color = flat_col[part or CLASSES[cls]].expand(B, 3)
         col = color.reshape(B, 1, 1, 3) if color.ndim == 2 else color
         img = img * (1 - a) + col * a
         if cls is not None:
@@ -183,7 +207,7 @@ def render(seeds: list[int], resolution: int = 64, device: str | torch.device = 
         _ellipse_sdf(lx, ly, -edx, edy, ew * 1.55, eh * 2.4), _ellipse_sdf(lx, ly, edx, edy, ew * 1.55, eh * 2.4)
     )
     lens = torch.where(glasses, lens, torch.full_like(lens, 9.0))
-    layer(cov(lens) * 0.999, (skin * 0.7 + P["glasses_col"] * 0.3), CLASSES.index("glasses"))
+    layer(cov(lens) * 0.999, (skin * 0.7 + P["glasses_col"] * 0.3), CLASSES.index("glasses"), "lens")
     # Eyes: sclera + iris/pupil, both labelled eyes.
     eyes = torch.minimum(_ellipse_sdf(lx, ly, -edx, edy, ew, eh), _ellipse_sdf(lx, ly, edx, edy, ew, eh))
     layer(cov(eyes), torch.tensor([245.0, 245.0, 240.0], device=device).expand(B, 3), CLASSES.index("eyes"))
@@ -193,7 +217,7 @@ def render(seeds: list[int], resolution: int = 64, device: str | torch.device = 
         _ellipse_sdf(lx, ly, -edx + gx_off, edy + gy_off, ir, ir), _ellipse_sdf(lx, ly, edx + gx_off, edy + gy_off, ir, ir)
     )
     iris = torch.maximum(iris, eyes)  # clipped to the eye opening
-    layer(cov(iris), P["iris"], None)
+    layer(cov(iris), P["iris"], None, "iris")
     pupil = torch.maximum(
         torch.minimum(
             _ellipse_sdf(lx, ly, -edx + gx_off, edy + gy_off, ir * 0.45, ir * 0.45),
@@ -201,7 +225,7 @@ def render(seeds: list[int], resolution: int = 64, device: str | torch.device = 
         ),
         eyes,
     )
-    layer(cov(pupil), torch.full((B, 3), 10.0, device=device), None)
+    layer(cov(pupil), torch.full((B, 3), 10.0, device=device), None, "pupil")
     # Brows: thin tilted ellipses above the eyes.
     by = edy - _b(P["brow_dy"]) * ry
     tilt = _b(P["brow_tilt"])
@@ -280,19 +304,20 @@ def render(seeds: list[int], resolution: int = 64, device: str | torch.device = 
     }
 
 
-def render_images(seeds: list[int], resolution: int = 64, chunk: int = 512) -> np.ndarray:
+def render_images(seeds: list[int], resolution: int = 64, chunk: int = 512, style: Style = "photo") -> np.ndarray:
     """Images only, rendered in chunks to bound memory: uint8 (B, H, W, 3)."""
-    out = [render(seeds[i : i + chunk], resolution)["image"] for i in range(0, len(seeds), chunk)]
+    out = [render(seeds[i : i + chunk], resolution, style=style)["image"] for i in range(0, len(seeds), chunk)]
     return np.concatenate(out)
 
 
-def samples(split: str, n: int, resolution: int = 64, offset: int = 0) -> list[LabeledSample]:
-    """`n` labeled images of a split as LabeledSamples: the built-in domain as a labeled source."""
+def samples(split: str, n: int, resolution: int = 64, offset: int = 0, style: Style = "photo") -> list[LabeledSample]:
+    """`n` labeled images of a split as LabeledSamples: the built-in domain as a labeled source
+    (style="flat": the same faces and labels in an out-of-domain look)."""
     seeds = split_seeds(split, n, offset)
     out: list[LabeledSample] = []
     for i in range(0, n, 512):
         batch = seeds[i : i + 512]
-        r = render(batch, resolution)
+        r = render(batch, resolution, style=style)
         for j, s in enumerate(batch):
             out.append(
                 LabeledSample(
@@ -302,7 +327,7 @@ def samples(split: str, n: int, resolution: int = 64, offset: int = 0) -> list[L
                     keypoints=r["keypoints"][j],
                     depth=r["depth"][j],
                     depth_valid=np.ones_like(r["depth"][j], dtype=bool),
-                    meta={"seed": s, "has_glasses": bool(r["has_glasses"][j]), "has_hat": bool(r["has_hat"][j])},
+                    meta={"seed": s, "has_glasses": bool(r["has_glasses"][j]), "has_hat": bool(r["has_hat"][j]), "style": style},
                 )
             )
     return out
