@@ -59,11 +59,33 @@ class LabeledSection(_Strict):
     collapse: str | None = None
     num_classes: int | None = None
     require_rare: dict[str, int] = Field(default_factory=dict, description="toyfaces: min images containing a class")
+    style: Literal["photo", "flat"] = Field(
+        "photo", description="toyfaces look: 'flat' = cartoon colours, same labels (an out-of-domain labeled source)"
+    )
+    resolution: int | None = Field(
+        None, description="toyfaces: render the labeled images at this power of two; None = the generator's"
+    )
 
     @model_validator(mode="after")
     def _folder_needs_path(self) -> "LabeledSection":
         if self.source == "folder" and not self.path:
             raise ValueError("labeled.path is required when labeled.source is 'folder'")
+        return self
+
+    @model_validator(mode="after")
+    def _render_options_toyfaces_only(self) -> "LabeledSection":
+        """style/resolution drive the toy-faces renderer; a folder's images are read as they are."""
+        if self.source != "toyfaces":
+            for key, default in (("style", "photo"), ("resolution", None)):
+                if getattr(self, key) != default:
+                    raise ValueError(
+                        f"labeled.{key} applies only to labeled.source 'toyfaces' (a folder's images are used as "
+                        f"they are, resized to the generator's resolution); remove labeled.{key}"
+                    )
+        r = self.resolution
+        if r is not None and (r < 8 or r & (r - 1)):
+            raise ValueError(f"labeled.resolution must be a power of two >= 8 (e.g. 32, 64, 128), got {r}; "
+                             "or omit it to use the generator's resolution")
         return self
 
 
