@@ -49,6 +49,18 @@ class GeneratorSection(_Strict):
     name: str = Field("toyfaces-64", description="built-in name, or a .pkl / .pt / .safetensors path")
 
 
+class LongtailSpec(_Strict):
+    """A long-tail labeled set (HandsOff §4.5): exactly `k` images show the rare class `cls`, and no
+    other image shows any rare class."""
+
+    cls: str = Field("glasses", description="the rare class (toyfaces: glasses or hat)")
+    k: int = Field(0, ge=0, description="images showing `cls`")
+    mode: Literal["substitution", "addition"] = Field(
+        "substitution", description="substitution: k of labeled.num_images show cls (fixed size); "
+        "addition: k images with cls added to labeled.num_images without (num_images + k in total)"
+    )
+
+
 class LabeledSection(_Strict):
     """Where the few labeled real images come from."""
 
@@ -59,6 +71,10 @@ class LabeledSection(_Strict):
     collapse: str | None = None
     num_classes: int | None = None
     require_rare: dict[str, int] = Field(default_factory=dict, description="toyfaces: min images containing a class")
+    longtail: LongtailSpec | None = Field(
+        None, description="toyfaces: exactly k images with a rare class, none elsewhere (HandsOff §4.5); "
+        "replaces require_rare"
+    )
     style: Literal["photo", "flat"] = Field(
         "photo", description="toyfaces look: 'flat' = cartoon colours, same labels (an out-of-domain labeled source)"
     )
@@ -70,6 +86,24 @@ class LabeledSection(_Strict):
     def _folder_needs_path(self) -> "LabeledSection":
         if self.source == "folder" and not self.path:
             raise ValueError("labeled.path is required when labeled.source is 'folder'")
+        return self
+
+    @model_validator(mode="after")
+    def _longtail_toyfaces_only(self) -> "LabeledSection":
+        """A long-tail set is picked from the toy-faces pool by its exact masks; checked before any work."""
+        lt = self.longtail
+        if lt is None:
+            return self
+        if self.source != "toyfaces":
+            raise ValueError("labeled.longtail needs labeled.source 'toyfaces' (picked by exact masks); remove it")
+        if self.require_rare:
+            raise ValueError("labeled.longtail and labeled.require_rare both pick rare images; keep one")
+        from .domains.toyfaces import RARE_CLASSES
+
+        if lt.cls not in RARE_CLASSES:
+            raise ValueError(f"labeled.longtail.cls: {lt.cls!r} is not a rare toy-faces class; choose one of {list(RARE_CLASSES)}")
+        if lt.mode == "substitution" and lt.k > self.num_images:
+            raise ValueError(f"labeled.longtail.k ({lt.k}) exceeds labeled.num_images ({self.num_images}) in substitution mode")
         return self
 
     @model_validator(mode="after")
@@ -116,8 +150,13 @@ class DownstreamSection(_Strict):
     lr: float = 1e-3
     test_images: int = 500
     oracle_images: int = Field(5000, description="real labeled images for the oracle baseline (built-in domain)")
-    baselines: list[Literal["labeled_only", "oracle", "unfiltered"]] = Field(
-        default_factory=lambda: ["labeled_only", "oracle"]
+    baselines: list[Literal["labeled_only", "oracle", "unfiltered", "no_oversample"]] = Field(
+        default_factory=lambda: ["labeled_only", "oracle"],
+        description="no_oversample: the generated-data method without downstream.oversample (its control)",
+    )
+    oversample: dict[str, Annotated[float, Field(ge=0.0, le=1.0)]] = Field(
+        default_factory=dict, description="class name -> target fraction of training draws whose label contains "
+        "it (generated-data methods only; labeled_only/oracle draw uniformly)"
     )
     finetune_on_labeled: bool = False
 

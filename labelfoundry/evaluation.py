@@ -1,12 +1,14 @@
 """Downstream verdict: train the same segmenter on different label sources, score it on real test images.
 
-Methods: the generated dataset (kept by the filter, or unfiltered), the few labeled images alone
-(labeled_only), and, on the built-in domain, an oracle trained on K exactly labeled real images.
+Methods: the generated dataset (kept by the filter, or unfiltered; optionally oversampling rare
+classes), the few labeled images alone (labeled_only), and, on the built-in domain, an oracle trained
+on K exactly labeled real images. `longtail_metrics` gives HandsOff Fig. 4's long-tail numbers.
 gap_closed = (ours - labeled_only) / (oracle - labeled_only).
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -57,10 +59,13 @@ def train_and_evaluate(
     train_cfg: TrainConfig,
     device: str = "cpu",
     finetune_data: Dataset | None = None,
+    sample_weights=None,
 ) -> dict:
-    """Train a fresh segmenter (resumable from out_dir) and return its test metrics."""
+    """Train a fresh segmenter (resumable from out_dir) and return its test metrics.
+    sample_weights: optional per-item draw weights (targeted oversampling; see labelfoundry.sampling)."""
     model = build_segmenter(SegmenterConfig(arch=arch, task="segmentation", num_classes=num_classes))
-    res = train_segmenter(model, train_data, train_cfg, task="segmentation", out_dir=out_dir, device=device)
+    res = train_segmenter(model, train_data, train_cfg, task="segmentation", out_dir=out_dir, device=device,
+                          sample_weights=sample_weights)
     if finetune_data is not None:
         ft = train_cfg.model_copy(update={"max_steps": max(50, (train_cfg.max_steps or 500) // 5)})
         train_segmenter(model, finetune_data, ft, task="segmentation", out_dir=Path(out_dir) / "finetune", device=device)
@@ -75,3 +80,30 @@ def gap_closed(ours: float, labeled_only: float, oracle: float) -> float | None:
     """Fraction of the labeled-only -> oracle gap that `ours` closes (None if the gap is ~0)."""
     gap = oracle - labeled_only
     return None if abs(gap) < 1e-6 else (ours - labeled_only) / gap
+
+
+def _mean_defined(values: list) -> float | None:
+    """Mean over the values that are numbers (None / NaN mean: class absent from test and prediction)."""
+    ok = [float(v) for v in values if v is not None and not math.isnan(float(v))]
+    return sum(ok) / len(ok) if ok else None
+
+
+def longtail_metrics(
+    per_class_iou: list, class_names: list[str], longtail: list[str], ignore: list[str] | tuple = ()
+) -> dict:
+    """HandsOff Fig. 4's three numbers from one method's per-class IoU: the long-tail IoU (mean over
+    `longtail`, one class in a substitution sweep), the non-long-tail mIoU (mean over every class not
+    in `longtail` or `ignore`, e.g. the domain's other rare classes) and the overall mIoU (all classes).
+    Undefined IoUs (None / NaN) are left out of every mean; a mean over nothing is None."""
+    if len(per_class_iou) != len(class_names):
+        raise ValueError(f"{len(per_class_iou)} IoUs for {len(class_names)} classes")
+    unknown = [c for c in [*longtail, *ignore] if c not in class_names]
+    if unknown:
+        raise ValueError(f"unknown classes {unknown}; valid classes: {list(class_names)}")
+    iou = dict(zip(class_names, per_class_iou))
+    rest = [c for c in class_names if c not in longtail and c not in ignore]
+    return {
+        "long_tail_iou": _mean_defined([iou[c] for c in longtail]),
+        "non_long_tail_miou": _mean_defined([iou[c] for c in rest]),
+        "miou": _mean_defined(list(per_class_iou)),
+    }

@@ -11,7 +11,7 @@ already-trained model, the second dataset and a *different* ``out_dir`` (e.g.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -75,12 +75,14 @@ class TrainResult(BaseModel):
 
 
 def _batch_stream(
-    data: Dataset | DataLoader, cfg: TrainConfig, start_step: int
+    data: Dataset | DataLoader, cfg: TrainConfig, start_step: int, sample_weights: torch.Tensor | None = None
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Endless batches starting at ``start_step``.
 
     For a Dataset the order is a seeded permutation per epoch (seed + epoch), so resuming
-    is exact; the last partial batch is dropped. A DataLoader is iterated as given and the
+    is exact; the last partial batch is dropped. With ``sample_weights`` each epoch instead
+    draws as many indices as a permutation would use, with replacement, in proportion to the
+    weights (same seeding, so resuming stays exact). A DataLoader is iterated as given and the
     first ``start_step % len(loader)`` batches are skipped on resume (exact only if the
     loader's order is deterministic).
     """
@@ -96,10 +98,28 @@ def _batch_stream(
     per_epoch = n // bs
     epoch, skip = divmod(start_step, per_epoch)
     while True:
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + epoch))
+        gen = torch.Generator().manual_seed(cfg.seed + epoch)
+        if sample_weights is None:
+            perm = torch.randperm(n, generator=gen)
+        else:
+            perm = torch.multinomial(sample_weights, per_epoch * bs, replacement=True, generator=gen)
         batches = [perm[i * bs : (i + 1) * bs].tolist() for i in range(skip, per_epoch)]
         yield from DataLoader(data, batch_sampler=batches, num_workers=cfg.num_workers)
         epoch, skip = epoch + 1, 0
+
+
+def _check_weights(data: Dataset | DataLoader, weights: Sequence[float] | None) -> torch.Tensor | None:
+    """Weights as a float64 tensor, checked up front (a DataLoader brings its own sampler)."""
+    if weights is None:
+        return None
+    if isinstance(data, DataLoader):
+        raise ValueError("sample_weights needs a Dataset; a DataLoader already has its own sampler")
+    w = torch.as_tensor(weights, dtype=torch.float64)
+    if w.shape != (len(data),):
+        raise ValueError(f"sample_weights has shape {tuple(w.shape)}; expected ({len(data)},), one per item")
+    if not torch.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+        raise ValueError("sample_weights must be finite, non-negative and not all zero")
+    return w
 
 
 def _steps_per_epoch(data: Dataset | DataLoader, batch_size: int) -> int:
@@ -118,12 +138,16 @@ def train_segmenter(
     val_data: Dataset | DataLoader | None = None,
     resume: bool = True,
     device: torch.device | str | None = None,
+    sample_weights: Sequence[float] | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on ``train_data`` (items: see ``segmenters.batch``).
 
     Runs ``cfg.max_steps`` steps (or ``cfg.epochs`` epochs) in total, counting steps done by
-    a resumed checkpoint. Returns the full per-step loss history.
+    a resumed checkpoint. Returns the full per-step loss history. ``sample_weights`` (one
+    non-negative weight per item of a Dataset, e.g. from ``labelfoundry.sampling``) draws
+    training items in proportion to them instead of one permutation per epoch.
     """
+    weights = _check_weights(train_data, sample_weights)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     out_dir = Path(out_dir)
     model.to(device).train()
@@ -170,7 +194,7 @@ def train_segmenter(
         result.val_metrics.append({"step": step, **metrics})
         log.info("step %d validation: %s", step, metrics)
 
-    batches = _batch_stream(train_data, cfg, step)
+    batches = _batch_stream(train_data, cfg, step, weights)
     while step < total:
         x, targets = prepare_batch(next(batches), task, device)
         x = augment_batch(
