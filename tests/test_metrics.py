@@ -157,6 +157,20 @@ def test_evaluate_segmentation_json_ready():
     json.dumps(res, allow_nan=False)
 
 
+def test_evaluate_segmentation_reports_foreground_iou_of_part_labels():
+    # gt: bg left half, class 1 cols 4-5, class 2 cols 6-7; pred: class 2 on cols 3-7 (wrong part,
+    # one extra column). Parts IoU is poor, but fg/bg only asks "not background": fg IoU = 4/5.
+    label = torch.zeros(8, 8, dtype=torch.int64)
+    label[:, 4:6], label[:, 6:] = 1, 2
+    pred = torch.zeros(8, 8, dtype=torch.int64)
+    pred[:, 3:] = 2
+    logits = torch.stack([(pred == c).float() for c in range(3)])
+    res = evaluate_segmenter(_Const(logits), _items(2, label=label), "segmentation", 3, "cpu")
+    assert res["fg_iou"] == pytest.approx(4 / 5)
+    assert res["fgbg_miou"] == pytest.approx((4 / 5 + 3 / 4) / 2)
+    assert res["per_class_iou"][1] == pytest.approx(0.0)
+
+
 def test_evaluate_keypoints_and_depth():
     kps = torch.tensor([[1.0, 1.0, 1.0], [6.0, 5.0, 1.0], [3.0, 3.0, 0.0]])
     hm = keypoint_heatmaps(kps, 8, 8, sigma=1.0)

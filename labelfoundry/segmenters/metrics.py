@@ -204,7 +204,8 @@ def evaluate_segmenter(
     ``data`` yields items as described in :mod:`labelfoundry.segmenters.batch`.
     Returns, by task (NaN values are written as None so the dict is strict JSON):
 
-    * segmentation: ``{"miou": float, "per_class_iou": [float | None] * num_classes}``
+    * segmentation: ``{"miou": float, "per_class_iou": [float | None] * num_classes, "fg_iou": float,
+      "fgbg_miou": float}`` (foreground = any class but 0, so part segmenters compare with fg/bg ones)
     * keypoints: ``{"pck@0.1": ..., "pck@0.05": ..., "pck@0.02": ..., "num_visible": int}``
     * depth: ``{"mnmse": ..., "rmse": ..., "rmse_log": ...}``
 
@@ -215,6 +216,7 @@ def evaluate_segmenter(
     was_training = model.training
     model.eval()
     seg = SegmentationIoU(num_classes, ignore_index) if task == "segmentation" else None
+    fgbg = SegmentationIoU(2, ignore_index) if task == "segmentation" else None
     pck_hits, pck_total, n_images = torch.zeros(len(alphas), dtype=torch.long), 0, 0
     depth_per: dict[str, list[torch.Tensor]] = {"nmse": [], "rmse": [], "rmse_log": []}
     try:
@@ -223,7 +225,9 @@ def evaluate_segmenter(
             out = model(x).float()
             n_images += x.shape[0]
             if task == "segmentation":
-                seg.update(out.argmax(1), tgt["label"])
+                pred, lab = out.argmax(1), tgt["label"]
+                seg.update(pred, lab)
+                fgbg.update((pred > 0).long(), torch.where(lab == ignore_index, lab, (lab > 0).long()))
             elif task == "keypoints":
                 gt = tgt.get("keypoints")
                 if gt is None:
@@ -242,6 +246,8 @@ def evaluate_segmenter(
     if task == "segmentation":
         miou, per_class = seg.compute()
         result.update(miou=_json_float(miou), per_class_iou=[_json_float(v) for v in per_class])
+        fgbg_miou, (_, fg) = fgbg.compute()
+        result.update(fg_iou=_json_float(fg), fgbg_miou=_json_float(fgbg_miou))
     elif task == "keypoints":
         for a, c in zip(alphas, pck_hits.tolist()):
             result[f"pck@{a:g}"] = _json_float(c / pck_total if pck_total else math.nan)
