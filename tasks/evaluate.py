@@ -10,6 +10,7 @@ import numpy as np
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from labelfoundry.domains.base import resize_labeled
 from labelfoundry.evaluation import ArrayDataset, gap_closed, toyfaces_split, train_and_evaluate
 from labelfoundry.report import bar_png, markdown_table
 from labelfoundry.segmenters import TrainConfig
@@ -39,7 +40,8 @@ def train_eval_task(
     log = get_run_logger()
     ds = downstream_cfg
     labeled = np.load(Path(inverted.path).parent / "labeled.npz")
-    labeled_set = ArrayDataset(labeled["image"], labeled["mask"])
+    # labeled.resolution may differ from the generator's (gradient matching): baselines train at the test size
+    labeled_set = ArrayDataset(*resize_labeled(labeled["image"], labeled["mask"], resolution))
     as_task = _fg_bg if binary else (lambda d: d)
     labeled_set = as_task(labeled_set)
     from labelfoundry.labelers import METHODS

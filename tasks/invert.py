@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from prefect import get_run_logger, task
 
-from labelfoundry.domains import load_labeled
+from labelfoundry.domains import check_for_inversion, load_labeled
 from labelfoundry.inversion.optimize import InversionConfig, invert
 from labelfoundry.report import save_png
 
@@ -19,14 +19,17 @@ from .common import Artifact, file_hash, load_generator_cached
 def invert_task(
     run_dir: str, generator: str, generator_hash: str, labeled_cfg: dict, inversion_cfg: dict | None, code_version: str, device: str
 ) -> Artifact:
-    """Writes invert/labeled.npz (the labeled set at generator resolution, with ids, the artifact's
-    path) and, unless inversion_cfg is None, invert/inversion.pt (ids, W+, reconstructions, losses,
-    poor-reconstruction flags)."""
+    """Writes invert/labeled.npz (the labeled set with ids, the artifact's path; at labeled.resolution
+    when set, else the generator's) and, unless inversion_cfg is None, invert/inversion.pt (ids, W+,
+    reconstructions, losses, poor-reconstruction flags)."""
     from labelfoundry.config import LabeledSection
 
     log = get_run_logger()
     G = load_generator_cached(generator, device)
     section = LabeledSection.model_validate(labeled_cfg)
+    if inversion_cfg is not None:  # fail before rendering/reading anything if the set cannot be inverted
+        for msg in check_for_inversion(section, G.resolution):
+            log.warning(msg)
     samples, schema = load_labeled(section, G.resolution)
     out = Path(run_dir) / "invert"
     out.mkdir(parents=True, exist_ok=True)
