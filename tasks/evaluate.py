@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -46,8 +47,19 @@ def train_eval_task(
     labeled_set = as_task(labeled_set)
     from labelfoundry.labelers import METHODS
 
+    weights = None
     if method in METHODS or method == "unfiltered":  # the generated dataset (filtered by default)
-        train = storage.open_dataset(store_path, filter=None if method == "unfiltered" else "keep").dataset()
+        opened = storage.open_dataset(store_path, filter=None if method == "unfiltered" else "keep")
+        train = opened.dataset()
+        if ds.get("oversample"):  # targeted oversampling: weights from the manifest's frac_<class> columns
+            from labelfoundry.sampling import drawn_fraction, oversample_weights
+
+            with warnings.catch_warnings(record=True) as caught:  # an unreachable target: say so in the run's log
+                warnings.simplefilter("always")
+                weights = oversample_weights(opened.manifest, ds["oversample"])
+            for w in caught:
+                log.warning("%s: %s", method, w.message)
+            log.info("%s: oversampling %s", method, {c: round(drawn_fraction(opened.manifest, weights, c), 3) for c in ds["oversample"]})
     elif method == "labeled_only":
         train = labeled_set
     elif method == "oracle":
@@ -61,7 +73,7 @@ def train_eval_task(
     out = Path(run_dir) / "evaluate" / f"{method}-{key}"
     metrics = train_and_evaluate(
         train, test, arch=ds["arch"], num_classes=num_classes, out_dir=out, train_cfg=_train_cfg(ds, seed), device=device,
-        finetune_data=labeled_set if ds["finetune_on_labeled"] and method in METHODS else None,
+        finetune_data=labeled_set if ds["finetune_on_labeled"] and method in METHODS else None, sample_weights=weights,
     )
     log.info("%s: mIoU %.3f on %d test images", method, metrics["miou"], len(test))
     return metrics
@@ -83,12 +95,18 @@ def evaluate_stage(cfg, run_dir: Path, inverted: Artifact, store_path: str, mh: 
     R = load_generator_cached(cfg.generator.name, device).resolution
     ours = cfg.labeler.method
     generated = {ours, "unfiltered"}
+    ds_cfg = cfg.downstream.model_dump()
+    unknown = sorted(set(ds_cfg["oversample"]) - set(names))
+    if unknown:  # before any training: the labels have no such class
+        raise ValueError(f"downstream.oversample: unknown classes {unknown}; valid classes: {names}")
+    plain_cfg = {**ds_cfg, "oversample": {}}  # uniform-draw methods: the same cache key with or without oversample
     results = {}
-    for m in [ours, *cfg.downstream.baselines]:
-        results[m] = cached(train_eval_task, run_dir)(
+    for name in [ours, *cfg.downstream.baselines]:
+        m = ours if name == "no_oversample" else name  # the control is ours with uniform draws (shares its cache)
+        results[name] = cached(train_eval_task, run_dir)(
             method=m, run_dir=str(run_dir), store_path=store_path if m in generated else None,
             manifest_hash_=(mh + fh if m == ours else mh) if m in generated else None, inverted=inverted,
-            labeled_cfg=cfg.labeled.model_dump(), downstream_cfg=cfg.downstream.model_dump(), resolution=R,
+            labeled_cfg=cfg.labeled.model_dump(), downstream_cfg=ds_cfg if m in generated and name != "no_oversample" else plain_cfg, resolution=R,
             num_classes=len(names), binary=binary, seed=cfg.seed, code_version=cv, device=device,
         )
     out = {"methods": results, "class_names": names, "num_labeled": cfg.labeled.num_images, "labeler": cfg.labeler.method}

@@ -15,6 +15,11 @@ def load_labeled(section, resolution: int) -> tuple[list[LabeledSample], LabelSc
         if res < 8:
             raise ValueError("toyfaces needs a resolution >= 8")
         style = getattr(section, "style", "photo")
+        lt = getattr(section, "longtail", None)
+        if lt is not None:  # exactly k rare images (long-tail sweeps)
+            from .longtail import pick_longtail
+
+            return pick_longtail(section.num_images, res, lt.cls, lt.k, lt.mode, section.offset, style=style), toyfaces.SCHEMA
         samples = pick_toyfaces(section.num_images, res, section.offset, section.require_rare, style=style)
         return samples, toyfaces.SCHEMA
     from .collapse import load_collapse
