@@ -94,6 +94,42 @@ def run(
 
 
 @app.command()
+def longtail(
+    config: Optional[Path] = typer.Argument(None, help="run config YAML; omit for the built-in demo"),
+    cls: str = typer.Option("glasses", "--cls", help="the rare class (toy faces: glasses or hat)"),
+    mode: str = typer.Option("substitution", "--mode", help="substitution (fixed labeled-set size) or addition (k images added)"),
+    ks: str = typer.Option("0,1,2,4", "--ks", help="comma-separated numbers of labeled images showing the class"),
+    oversample: Optional[float] = typer.Option(None, "--oversample", help="also train with this fraction of draws showing the class"),
+    drop_top: Optional[float] = typer.Option(0.0, "--drop-top", help="filter cut for every setting (paper: 0, no filtering)"),
+    set_: list[str] = typer.Option([], "--set", help="override a config key: --set generate.num_samples=500"),
+) -> None:
+    """Long-tail sweep (HandsOff §4.5, Fig. 4): the factory once per k, then a table and plot of
+    long-tail IoU, non-long-tail mIoU and overall mIoU per method."""
+    try:
+        k_list = [int(k) for k in ks.split(",") if k.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"--ks expects comma-separated integers, got {ks!r}") from None
+    if mode not in ("substitution", "addition"):
+        raise typer.BadParameter(f"--mode must be substitution or addition, got {mode!r}")
+    if oversample is not None and not 0.0 <= oversample <= 1.0:
+        raise typer.BadParameter(f"--oversample is a fraction in [0, 1], got {oversample}")
+    overrides = _parse_sets(set_)
+    for k in k_list:  # every setting's config must validate before anything runs
+        _check_config(config, deep_merge(overrides, {"labeled": {"longtail": {"cls": cls, "k": k, "mode": mode}},
+                                                     "downstream": {"oversample": {cls: oversample} if oversample is not None else {}}}))
+    configure_prefect_env()
+    t0 = time.time()
+    console.print("[bold]labelfoundry[/bold]: starting Prefect (local ephemeral API) ...")
+    from .longtail import longtail as longtail_flow
+
+    result = longtail_flow(config=str(config) if config else None, overrides=overrides, cls=cls, mode=mode, ks=k_list,
+                           oversample=oversample, drop_top=drop_top)
+    out = Path(result["settings"][0]["run_dir"]).parent / f"{cls}-{mode}"
+    console.print((out.with_suffix(".md")).read_text(), markup=False)
+    console.print(f"[green]done in {time.time() - t0:.0f} s[/green]; report: {out.with_suffix('.md')}, {out.with_suffix('.png')}")
+
+
+@app.command()
 def generate(
     config: Optional[Path] = typer.Argument(None, help="run config YAML; omit for the built-in demo"),
     num_samples: Optional[int] = typer.Option(None, help="override generate.num_samples"),

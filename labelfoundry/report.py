@@ -105,3 +105,37 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def sweep_png(
+    xs: list, panels: dict[str, dict[str, list]], path: str | Path, xlabel: str, title: str,
+    reference: dict[str, dict[str, float | None]] | None = None,
+) -> Path:
+    """One panel per metric, one line per method over a swept setting (HandsOff Fig. 4);
+    `reference`: per panel, constant lines (e.g. the oracle), drawn dashed. None values are gaps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.2), dpi=100, squeeze=False)
+    for ax, (name, series) in zip(axes[0], panels.items()):
+        for label, ys in series.items():
+            ax.plot(xs, [np.nan if y is None else y for y in ys], marker="o", label=label)
+        for label, y in ((reference or {}).get(name) or {}).items():
+            if y is not None:
+                ax.axhline(y, color="gray", linestyle="--", linewidth=1, label=label)
+        ax.set_title(name)
+        ax.set_xlabel(xlabel)
+        ax.set_xticks(xs)
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("IoU")
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
