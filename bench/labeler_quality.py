@@ -32,7 +32,7 @@ from labelfoundry.domains.base import LabeledSample
 from labelfoundry.features import generate_with_taps
 from labelfoundry.generators import load_generator
 from labelfoundry.inversion.optimize import InversionConfig, InversionResult, invert
-from labelfoundry.labelers import SUPERVISED, GenBatch, labeler_class
+from labelfoundry.labelers import SUPERVISED, GenBatch, labeler_class, load_labeler
 from labelfoundry.labelers.handsoff import HandsOffConfig, HandsOffLabeler
 from labelfoundry.segmenters.metrics import segmentation_iou
 
@@ -83,6 +83,11 @@ def main() -> None:
     ap.add_argument("--labeled-style", default="photo", help="toyfaces render style of the labeled source (gradient matching)")
     ap.add_argument("--labeled-resolution", type=int, default=None, help="render the labeled source at this resolution (gradient matching)")
     ap.add_argument("--set", dest="sets", action="append", default=[], help="method.key=value (YAML value)")
+    ap.add_argument("--label-set", dest="label_sets", action="append", default=[],
+                    help="method.key=value applied to the fitted labeler's config before labeling (e.g. latent_direction.label_epsilon=4)")
+    ap.add_argument("--save", default=None, help="directory: save each fitted labeler as <method>-<fit config hash>.safetensors")
+    ap.add_argument("--reuse", action="store_true", help="reuse a saved labeler fitted with the same config instead of fitting")
+    ap.add_argument("--tag", default="", help="suffix of the result keys (sweeps)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--cache", default="runs/bench-cache")
     ap.add_argument("--out", default=None)
@@ -97,11 +102,16 @@ def main() -> None:
     results: dict[str, dict] = {"_setup": {"generator": args.generator, "val": args.val, "labeled": args.labeled,
                                            "inv_steps": args.inv_steps, "recon_mse_val": float(invv.loss.mean()),
                                            "invert_val_s_or_cached": time.time() - t0}}
-    sets = parse_sets(args.sets)
+    sets, label_sets = parse_sets(args.sets), parse_sets(args.label_sets)
     for method in args.methods.split(","):
         cfg_d = {**CPU_DEFAULTS.get(method, {}), **sets.get(method, {})}
+        fit_key = hashlib.sha256(json.dumps([args.generator, args.labeled, args.labeled_style, args.labeled_resolution, cfg_d],
+                                            sort_keys=True).encode()).hexdigest()[:10]
+        saved = Path(args.save) / f"{method}-{fit_key}.safetensors" if args.save else None
         t0 = time.time()
-        if method == "handsoff":
+        if args.reuse and saved is not None and saved.exists():
+            lab = load_labeler(saved)
+        elif method == "handsoff":
             tr, inv = inverted(G, "train", args.labeled, args.inv_steps, cache, tag)
             lab = HandsOffLabeler.fit(G, inv.ws, HandsOffConfig(**cfg_d), masks=np.stack([s.mask for s in tr]),
                                       num_classes=len(toyfaces.CLASSES))
@@ -116,6 +126,11 @@ def main() -> None:
                 labeled = [LabeledSample(str(i), r["image"][i], r["mask"][i]) for i in range(args.labeled)]
             lab = cls.fit(G, cfg, labeled=labeled, num_classes=len(toyfaces.CLASSES) if method in SUPERVISED else 2)
         fit_s = time.time() - t0
+        if saved is not None and not (args.reuse and saved.exists()):
+            saved.parent.mkdir(parents=True, exist_ok=True)
+            lab.save(saved)
+        if method in label_sets:
+            lab.cfg = lab.cfg.model_copy(update=label_sets[method])
         t0 = time.time()
         preds = []
         with torch.no_grad():
@@ -125,14 +140,14 @@ def main() -> None:
                 preds.append(lab.label(GenBatch(ws, img, taps)).label.long())
         pred = torch.cat(preds)
         label_s = (time.time() - t0) / len(pred)
-        row = {"config": cfg_d, "fit_s": fit_s, "label_s_per_image": label_s, **fg_bg(pred, gt)}
+        row = {"config": {**cfg_d, **label_sets.get(method, {})}, "fit_s": fit_s, "label_s_per_image": label_s, **fg_bg(pred, gt)}
         if method in SUPERVISED:
             miou, per = segmentation_iou(pred, gt, len(toyfaces.CLASSES))
             row.update(parts_miou=miou, per_class=dict(zip(toyfaces.CLASSES, per)))
         if method == "gradient_matching":
             row.update(labeled_style=args.labeled_style, labeled_resolution=args.labeled_resolution or G.resolution)
-        results[method] = row
-        print(json.dumps({method: row}, default=lambda v: None if v != v else v), flush=True)
+        results[method + args.tag] = row
+        print(json.dumps({method + args.tag: row}, default=lambda v: None if v != v else v), flush=True)
     text = json.dumps(results, default=lambda v: None if v != v else v)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
