@@ -19,6 +19,7 @@ from .labelers.handsoff import HandsOffConfig
 from .labelers.labels4free import Labels4FreeConfig
 from .labelers.latent_direction import LatentDirectionConfig
 from .labelers.stylemix import StyleMixConfig
+from .segmenters.models import Arch
 
 
 def _labeler_method(v) -> str:
@@ -143,17 +144,21 @@ class FilterSection(_Strict):
 
 class DownstreamSection(_Strict):
     enabled: bool = True
-    arch: str = "tiny_unet"
+    arch: Arch = "tiny_unet"
     epochs: int = 10
     max_steps: int | None = 300
     batch_size: int = 32
     lr: float = 1e-3
     test_images: int = 500
     oracle_images: int = Field(5000, description="real labeled images for the oracle baseline (built-in domain)")
-    baselines: list[Literal["labeled_only", "oracle", "unfiltered", "no_oversample"]] = Field(
+    baselines: list[Literal["labeled_only", "oracle", "unfiltered", "no_oversample", "imagenet_transfer"]] = Field(
         default_factory=lambda: ["labeled_only", "oracle"],
-        description="no_oversample: the generated-data method without downstream.oversample (its control)",
+        description="no_oversample: the generated-data method without downstream.oversample (its control); "
+        "imagenet_transfer: transfer_arch with its ImageNet backbone, fine-tuned on the labeled images (skipped, "
+        "with the missing file named in metrics.json, when the weights are not in the local torch hub cache)",
     )
+    transfer_arch: Arch = Field("deeplabv3_resnet50", description="segmenter of the imagenet_transfer baseline")
+    examples: int = Field(4, ge=0, le=32, description="real test images shown with every method's prediction in the report")
     oversample: dict[str, Annotated[float, Field(ge=0.0, le=1.0)]] = Field(
         default_factory=dict, description="class name -> target fraction of training draws whose label contains "
         "it (generated-data methods only; labeled_only/oracle draw uniformly)"

@@ -60,9 +60,12 @@ def train_and_evaluate(
     device: str = "cpu",
     finetune_data: Dataset | None = None,
     sample_weights=None,
+    examples: int = 0,
 ) -> dict:
     """Train a fresh segmenter (resumable from out_dir) and return its test metrics.
-    sample_weights: optional per-item draw weights (targeted oversampling; see labelfoundry.sampling)."""
+    sample_weights: optional per-item draw weights (targeted oversampling; see labelfoundry.sampling).
+    examples: also save the predicted labels of the first `examples` test images to
+    `<out_dir>/examples.npy` (uint8 (n,H,W)), named in the metrics as "examples", for the report."""
     model = build_segmenter(SegmenterConfig(arch=arch, task="segmentation", num_classes=num_classes))
     res = train_segmenter(model, train_data, train_cfg, task="segmentation", out_dir=out_dir, device=device,
                           sample_weights=sample_weights)
@@ -73,7 +76,25 @@ def train_and_evaluate(
     metrics["train_steps"] = res.step
     metrics["final_loss"] = float(np.mean(res.losses[-20:])) if res.losses else None
     metrics["train_samples"] = len(train_data)
+    if examples:
+        path = Path(out_dir) / "examples.npy"
+        np.save(path, predict_labels(model, [test_data[i] for i in range(min(examples, len(test_data)))], device))
+        metrics["examples"] = str(path)
     return metrics
+
+
+@torch.no_grad()
+def predict_labels(model: torch.nn.Module, items: list[dict], device: str = "cpu") -> np.ndarray:
+    """Arg-max labels uint8 (n,H,W) of a segmenter for dataset items (image uint8 (3,H,W))."""
+    from .segmenters.batch import images_to_input
+
+    was = model.training
+    model.eval()
+    try:
+        x = images_to_input(torch.stack([it["image"] for it in items]).to(device))
+        return model(x).argmax(1).to(torch.uint8).cpu().numpy()
+    finally:
+        model.train(was)
 
 
 def gap_closed(ours: float, labeled_only: float, oracle: float) -> float | None:

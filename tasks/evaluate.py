@@ -13,8 +13,9 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from labelfoundry.domains.base import resize_labeled
 from labelfoundry.evaluation import ArrayDataset, gap_closed, toyfaces_split, train_and_evaluate
-from labelfoundry.report import bar_png, markdown_table
+from labelfoundry.report import bar_png, colorize, markdown_table, save_png
 from labelfoundry.segmenters import TrainConfig
+from labelfoundry.segmenters.models import imagenet_weights_file
 
 from .common import Artifact, cached
 
@@ -60,7 +61,7 @@ def train_eval_task(
             for w in caught:
                 log.warning("%s: %s", method, w.message)
             log.info("%s: oversampling %s", method, {c: round(drawn_fraction(opened.manifest, weights, c), 3) for c in ds["oversample"]})
-    elif method == "labeled_only":
+    elif method in ("labeled_only", "imagenet_transfer"):  # transfer: an ImageNet backbone, same labeled images
         train = labeled_set
     elif method == "oracle":
         train = as_task(toyfaces_split("train", ds["oracle_images"], resolution, offset=500_000))
@@ -71,12 +72,29 @@ def train_eval_task(
     key = hashlib.sha256(json.dumps([method, store_path, manifest_hash_, inverted.hash, downstream_cfg, binary, seed,
                                      resolution, code_version], sort_keys=True).encode()).hexdigest()[:12]
     out = Path(run_dir) / "evaluate" / f"{method}-{key}"
+    transfer = method == "imagenet_transfer"
     metrics = train_and_evaluate(
-        train, test, arch=ds["arch"], num_classes=num_classes, out_dir=out, train_cfg=_train_cfg(ds, seed), device=device,
-        finetune_data=labeled_set if ds["finetune_on_labeled"] and method in METHODS else None, sample_weights=weights,
+        train, test, arch=ds["transfer_arch"] if transfer else ds["arch"], num_classes=num_classes, out_dir=out,
+        train_cfg=_train_cfg(ds, seed), device=device, sample_weights=weights, examples=ds["examples"],
+        finetune_data=labeled_set if ds["finetune_on_labeled"] and method in METHODS else None,
     )
     log.info("%s: mIoU %.3f on %d test images", method, metrics["miou"], len(test))
     return metrics
+
+
+def prediction_examples(results: dict, resolution: int, binary: bool, schema: dict, path: Path) -> Path | None:
+    """One column per test image: the image, its ground truth, then each method's prediction."""
+    preds = {m: np.load(r["examples"]) for m, r in results.items() if r.get("examples") and Path(r["examples"]).exists()}
+    if not preds:
+        return None
+    n = min(len(p) for p in preds.values())
+    test = toyfaces_split("test", n, resolution)
+    gt = (test.masks > 0).astype(np.uint8) if binary else test.masks
+    colors = [[0, 0, 0], [255, 255, 255]] if binary else schema["colors"]
+    rows = [np.concatenate(list(test.images), axis=1), np.concatenate([colorize(m, colors) for m in gt], axis=1)]
+    rows += [np.concatenate([colorize(m, colors) for m in p[:n]], axis=1) for p in preds.values()]
+    grid = np.concatenate(rows, axis=0)
+    return save_png(np.kron(grid, np.ones((2, 2, 1), dtype=np.uint8)), path)
 
 
 def evaluate_stage(cfg, run_dir: Path, inverted: Artifact, store_path: str, mh: str, fh: str, device: str, cv: str) -> dict:
@@ -100,8 +118,15 @@ def evaluate_stage(cfg, run_dir: Path, inverted: Artifact, store_path: str, mh: 
     if unknown:  # before any training: the labels have no such class
         raise ValueError(f"downstream.oversample: unknown classes {unknown}; valid classes: {names}")
     plain_cfg = {**ds_cfg, "oversample": {}}  # uniform-draw methods: the same cache key with or without oversample
-    results = {}
-    for name in [ours, *cfg.downstream.baselines]:
+    results, skipped = {}, {}
+    baselines = list(cfg.downstream.baselines)
+    if "imagenet_transfer" in baselines:
+        found, expected = imagenet_weights_file(cfg.downstream.transfer_arch)
+        if found is None:  # nothing is ever downloaded: say which file would enable the baseline
+            skipped["imagenet_transfer"] = f"ImageNet weights not found; place {expected} to run this baseline"
+            log.warning("imagenet_transfer baseline skipped: %s", skipped["imagenet_transfer"])
+            baselines.remove("imagenet_transfer")
+    for name in [ours, *baselines]:
         m = ours if name == "no_oversample" else name  # the control is ours with uniform draws (shares its cache)
         results[name] = cached(train_eval_task, run_dir)(
             method=m, run_dir=str(run_dir), store_path=store_path if m in generated else None,
@@ -109,16 +134,22 @@ def evaluate_stage(cfg, run_dir: Path, inverted: Artifact, store_path: str, mh: 
             labeled_cfg=cfg.labeled.model_dump(), downstream_cfg=ds_cfg if m in generated and name != "no_oversample" else plain_cfg, resolution=R,
             num_classes=len(names), binary=binary, seed=cfg.seed, code_version=cv, device=device,
         )
-    out = {"methods": results, "class_names": names, "num_labeled": cfg.labeled.num_images, "labeler": cfg.labeler.method}
+    out = {"methods": results, "class_names": names, "num_labeled": cfg.labeled.num_images, "labeler": cfg.labeler.method,
+           "skipped": skipped}
     if "labeled_only" in results and "oracle" in results:
         out["gap_closed"] = gap_closed(results[ours]["miou"], results["labeled_only"]["miou"], results["oracle"]["miou"])
     (run_dir / "metrics.json").write_text(json.dumps(out, indent=2))
     rows = [[m, r["miou"], r["train_samples"]] for m, r in results.items()]
     md = [f"# Downstream evaluation ({cfg.downstream.arch}, {cfg.downstream.test_images} real test images)", "",
           markdown_table(["method", "mIoU", "train samples"], rows), "", f"gap closed: {out.get('gap_closed')}", ""]
+    md += [f"skipped {m}: {why}" for m, why in skipped.items()] + ([""] if skipped else [])
     per_class = {m: r["per_class_iou"] for m, r in results.items()}
     p = bar_png(names, per_class, run_dir / "report" / "per-class-iou.png", "per-class IoU on real test images", "IoU")
     md += [f"![per-class IoU]({p.resolve().as_uri()})", "", markdown_table(["class", *results], [[n, *[per_class[m][i] for m in results]] for i, n in enumerate(names)])]
+    examples = prediction_examples(results, R, binary, schema, run_dir / "report" / "predictions.png")
+    if examples is not None:
+        md += ["", f"Predictions on real test images (rows: image, ground truth, {', '.join(r for r in results if 'examples' in results[r])}):",
+               "", f"![predictions]({examples.resolve().as_uri()})"]
     (run_dir / "report" / "evaluation.md").write_text("\n".join(md))
     create_markdown_artifact("\n".join(md), key="evaluation-report", description="downstream mIoU vs baselines")
     create_table_artifact([{"method": m, "miou": r["miou"]} for m, r in results.items()], key="evaluation-table")

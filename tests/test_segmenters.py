@@ -216,3 +216,34 @@ def test_dataloader_input_and_segmentation_validation(tmp_path):
     resumed = train_segmenter(_tiny(num_classes=2), loader, cfg, task="segmentation",
                               out_dir=tmp_path / "b", device="cpu")
     assert resumed.resumed_from == 2 and resumed.losses == full.losses
+
+
+def test_imagenet_weights_file_names_the_file_to_place(tmp_path, monkeypatch):
+    import torchvision
+
+    from labelfoundry.segmenters.models import imagenet_weights_file
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    found, expected = imagenet_weights_file("deeplabv3_resnet101")
+    name = torchvision.models.ResNet101_Weights.IMAGENET1K_V1.url.rsplit("/", 1)[-1]
+    assert found is None and expected == tmp_path / "checkpoints" / name
+    expected.parent.mkdir()
+    expected.write_bytes(b"x")
+    assert imagenet_weights_file("deeplabv3_resnet101")[0] == expected
+    assert imagenet_weights_file("unet", "resnet18")[1].name.startswith("resnet18-")
+    with pytest.raises(ValueError, match="no ImageNet backbone"):
+        imagenet_weights_file("tiny_unet")
+
+
+def test_smp_unet_loads_its_resnet_encoder_from_local_cache(tmp_path, monkeypatch):
+    """Regression: smp's encoder load_state_dict returns None, which crashed the key check."""
+    import torchvision
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    fake = torchvision.models.resnet18().state_dict()
+    fake["conv1.weight"].fill_(0.25)
+    name = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url.rsplit("/", 1)[-1]
+    (tmp_path / "checkpoints").mkdir()
+    torch.save(fake, tmp_path / "checkpoints" / name)
+    model = build_segmenter(SegmenterConfig(arch="unet", num_classes=2, unet_encoder="resnet18"))
+    assert torch.all(model.net.encoder.conv1.weight == 0.25)

@@ -14,6 +14,7 @@ architectures (whether or not pretrained weights were found) and pads the input
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -22,7 +23,7 @@ import torchvision
 from pydantic import BaseModel, Field, model_validator
 from torch import nn
 
-from labelfoundry.segmenters.hub import load_local_state_dict
+from labelfoundry.segmenters.hub import load_local_state_dict, local_checkpoint
 from labelfoundry.segmenters.tiny_unet import TinyUNet
 
 log = logging.getLogger(__name__)
@@ -96,14 +97,31 @@ class Segmenter(nn.Module):
         return y[..., :h, :w]
 
 
+def _resnet_url(resnet_name: str) -> str:
+    return getattr(torchvision.models, f"ResNet{resnet_name.removeprefix('resnet')}_Weights").IMAGENET1K_V1.url
+
+
+def imagenet_weights_file(arch: str, unet_encoder: str = "resnet18") -> tuple[Path | None, Path]:
+    """(local file or None, where it is expected) of the ImageNet backbone weights of `arch`:
+    lets a caller skip an ImageNet-transfer baseline up front, naming the file to place."""
+    if arch.startswith("deeplabv3_"):
+        resnet = arch.removeprefix("deeplabv3_")
+    elif arch == "unet" and unet_encoder in _TORCHVISION_RESNETS:
+        resnet = unet_encoder
+    else:
+        raise ValueError(f"{arch!r} has no ImageNet backbone; use deeplabv3_resnet50/101 or unet with a resnet encoder")
+    filename = _resnet_url(resnet).rsplit("/", 1)[-1]
+    return local_checkpoint(filename), Path(torch.hub.get_dir()) / "checkpoints" / filename
+
+
 def _load_resnet_weights(module: nn.Module, resnet_name: str, what: str) -> None:
     """Load torchvision's ImageNet ``resnet_name`` weights (local cache only) into ``module``."""
-    depth = resnet_name.removeprefix("resnet")
-    url = getattr(torchvision.models, f"ResNet{depth}_Weights").IMAGENET1K_V1.url
-    state = load_local_state_dict(url, what)
+    state = load_local_state_dict(_resnet_url(resnet_name), what)
     if state is None:
         return
-    missing, _unexpected = module.load_state_dict(state, strict=False)  # fc.* is unexpected
+    # Checked by hand: smp's encoders override load_state_dict (dropping fc.*) and return nothing.
+    missing = sorted(set(module.state_dict()) - set(state))
+    module.load_state_dict(state, strict=False)  # fc.* is unexpected
     if missing:
         raise RuntimeError(f"{what}: pretrained file lacks keys {missing[:5]}...")
 
