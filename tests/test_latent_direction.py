@@ -162,7 +162,7 @@ def test_too_small_brightness_change_is_rejected():
 
 
 def test_empty_mask_is_rejected_and_uncertainty_tracks_margin():
-    cfg = LatentDirectionConfig(margin_quantile=1.0)
+    cfg = LatentDirectionConfig(margin_quantile=1.0, threshold="zero")
     diff = -torch.ones(2, 8, 8)
     diff[1, 2:5, 2:5] = 1.0
     diff[1, 0, 0] = -0.25  # low margin background pixel
@@ -170,6 +170,23 @@ def test_empty_mask_is_rejected_and_uncertainty_tracks_margin():
     assert rejected.tolist() == [True, False]
     assert unc[1, 0, 0].item() == pytest.approx(0.75)
     assert unc[1, 3, 3].item() == pytest.approx(0.0)
+
+
+def test_otsu_threshold_finds_an_unchanged_foreground_on_a_darkened_background():
+    # What the directions do on toy faces: the background darkens (Δgray ~ -0.6), the face barely
+    # changes (Δgray ~ ±0.02). Eq. 2's sign rule gives speckle; Otsu splits changed from unchanged.
+    g = torch.Generator().manual_seed(0)
+    diff = -0.6 + 0.05 * torch.randn(2, 16, 16, generator=g)
+    diff[:, 4:12, 4:12] = 0.02 * torch.randn(2, 8, 8, generator=g)
+    truth = torch.zeros(2, 16, 16, dtype=torch.bool)
+    truth[:, 4:12, 4:12] = True
+    otsu, _, rejected = refine(diff, LatentDirectionConfig(threshold="otsu", min_component_fraction=0.0))
+    assert torch.equal(otsu, truth) and not rejected.any()
+    zero, _, _ = refine(diff, LatentDirectionConfig(threshold="zero", min_component_fraction=0.0))
+    assert 0 < int(zero.sum()) < 0.8 * int(truth.sum())
+    # a constant difference has no foreground under either rule: rejected as an empty mask
+    _, unc, rejected = refine(-torch.ones(1, 8, 8), LatentDirectionConfig(threshold="otsu"))
+    assert rejected.all() and (unc == 1).all()
 
 
 # ------------------------------------------------------------------ fit + label, save/load
