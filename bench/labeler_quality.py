@@ -64,6 +64,27 @@ def fg_bg(pred: torch.Tensor, gt: torch.Tensor) -> dict:
     return {"fg_iou": per[1], "bg_iou": per[0], "fgbg_miou": float(np.nanmean(per))}
 
 
+def score(lab, method: str, cfg_d: dict, fit_s: float | None, invv: InversionResult, gt: torch.Tensor,
+          label_sets: dict[str, dict], G) -> dict:
+    """Label the inverted val latents (G: the labeler's generator) and compare with the exact labels."""
+    if method in label_sets:
+        lab.cfg = lab.cfg.model_copy(update=label_sets[method])
+    t0 = time.time()
+    preds = []
+    with torch.no_grad():
+        for i in range(0, len(invv.ws), 16):
+            ws = invv.ws[i : i + 16]
+            img, taps = generate_with_taps(G, ws, lab.tap_spec)
+            preds.append(lab.label(GenBatch(ws, img, taps)).label.long())
+    pred = torch.cat(preds)
+    row = {"config": {**cfg_d, **label_sets.get(method, {})}, "fit_s": fit_s,
+           "label_s_per_image": (time.time() - t0) / len(pred), **fg_bg(pred, gt)}
+    if method in SUPERVISED:
+        miou, per = segmentation_iou(pred, gt, len(toyfaces.CLASSES))
+        row.update(parts_miou=miou, per_class=dict(zip(toyfaces.CLASSES, per)))
+    return row
+
+
 def parse_sets(sets: list[str]) -> dict[str, dict]:
     out: dict[str, dict] = {}
     for s in sets:
@@ -87,6 +108,8 @@ def main() -> None:
                     help="method.key=value applied to the fitted labeler's config before labeling (e.g. latent_direction.label_epsilon=4)")
     ap.add_argument("--save", default=None, help="directory: save each fitted labeler as <method>-<fit config hash>.safetensors")
     ap.add_argument("--reuse", action="store_true", help="reuse a saved labeler fitted with the same config instead of fitting")
+    ap.add_argument("--labeler", action="append", default=[],
+                    help="score a saved labeler file (e.g. a run's fit/labeler.safetensors) instead of fitting; repeatable")
     ap.add_argument("--tag", default="", help="suffix of the result keys (sweeps)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--cache", default="runs/bench-cache")
@@ -103,7 +126,14 @@ def main() -> None:
                                            "inv_steps": args.inv_steps, "recon_mse_val": float(invv.loss.mean()),
                                            "invert_val_s_or_cached": time.time() - t0}}
     sets, label_sets = parse_sets(args.sets), parse_sets(args.label_sets)
-    for method in args.methods.split(","):
+    jobs = [(None, f) for f in args.labeler] or [(m, None) for m in args.methods.split(",")]
+    for method, file in jobs:
+        if file is not None:  # a labeler fitted elsewhere: its own header says what it is
+            lab = load_labeler(file)
+            method = lab.name
+            cfg_d = {**lab.cfg.model_dump(mode="json"), "file": file}
+            results[method + args.tag] = score(lab, method, cfg_d, None, invv, gt, label_sets, G)
+            continue
         cfg_d = {**CPU_DEFAULTS.get(method, {}), **sets.get(method, {})}
         fit_key = hashlib.sha256(json.dumps([args.generator, args.labeled, args.labeled_style, args.labeled_resolution, cfg_d],
                                             sort_keys=True).encode()).hexdigest()[:10]
@@ -129,25 +159,12 @@ def main() -> None:
         if saved is not None and not (args.reuse and saved.exists()):
             saved.parent.mkdir(parents=True, exist_ok=True)
             lab.save(saved)
-        if method in label_sets:
-            lab.cfg = lab.cfg.model_copy(update=label_sets[method])
-        t0 = time.time()
-        preds = []
-        with torch.no_grad():
-            for i in range(0, len(invv.ws), 16):
-                ws = invv.ws[i : i + 16]
-                img, taps = generate_with_taps(G, ws, lab.tap_spec)
-                preds.append(lab.label(GenBatch(ws, img, taps)).label.long())
-        pred = torch.cat(preds)
-        label_s = (time.time() - t0) / len(pred)
-        row = {"config": {**cfg_d, **label_sets.get(method, {})}, "fit_s": fit_s, "label_s_per_image": label_s, **fg_bg(pred, gt)}
-        if method in SUPERVISED:
-            miou, per = segmentation_iou(pred, gt, len(toyfaces.CLASSES))
-            row.update(parts_miou=miou, per_class=dict(zip(toyfaces.CLASSES, per)))
         if method == "gradient_matching":
-            row.update(labeled_style=args.labeled_style, labeled_resolution=args.labeled_resolution or G.resolution)
-        results[method + args.tag] = row
-        print(json.dumps({method + args.tag: row}, default=lambda v: None if v != v else v), flush=True)
+            cfg_d = {**cfg_d, "labeled_style": args.labeled_style, "labeled_resolution": args.labeled_resolution or G.resolution}
+        results[method + args.tag] = score(lab, method, cfg_d, fit_s, invv, gt, label_sets, G)
+    for key, row in results.items():
+        if key != "_setup":
+            print(json.dumps({key: row}, default=lambda v: None if v != v else v), flush=True)
     text = json.dumps(results, default=lambda v: None if v != v else v)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
