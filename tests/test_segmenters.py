@@ -76,16 +76,21 @@ def test_deeplabv3_resnet50_shape_and_no_download(caplog, tmp_path, monkeypatch)
         assert model(torch.zeros(1, 3, S, S)).shape == (1, 5, S, S)
 
 
-def test_deeplab_loads_backbone_from_local_cache(tmp_path, monkeypatch):
-    """A file in <hub>/checkpoints named like torchvision's is picked up (faked, resnet50)."""
+def _fake_hub_resnet(hub, monkeypatch, depth: int, conv1_value: float) -> None:
+    """A torchvision-named ResNet file in a local hub cache, its conv1 filled to recognise it."""
     import torchvision
 
-    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
-    fake = torchvision.models.resnet50().state_dict()
-    fake["conv1.weight"].fill_(0.125)
-    name = torchvision.models.ResNet50_Weights.IMAGENET1K_V1.url.rsplit("/", 1)[-1]
-    (tmp_path / "checkpoints").mkdir()
-    torch.save(fake, tmp_path / "checkpoints" / name)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(hub))
+    fake = getattr(torchvision.models, f"resnet{depth}")().state_dict()
+    fake["conv1.weight"].fill_(conv1_value)
+    name = getattr(torchvision.models, f"ResNet{depth}_Weights").IMAGENET1K_V1.url.rsplit("/", 1)[-1]
+    (hub / "checkpoints").mkdir()
+    torch.save(fake, hub / "checkpoints" / name)
+
+
+def test_deeplab_loads_backbone_from_local_cache(tmp_path, monkeypatch):
+    """A file in <hub>/checkpoints named like torchvision's is picked up (faked, resnet50)."""
+    _fake_hub_resnet(tmp_path, monkeypatch, 50, 0.125)
     model = build_segmenter(SegmenterConfig(arch="deeplabv3_resnet50", num_classes=2))
     assert torch.all(model.net.backbone.conv1.weight == 0.125)
 
@@ -237,13 +242,6 @@ def test_imagenet_weights_file_names_the_file_to_place(tmp_path, monkeypatch):
 
 def test_smp_unet_loads_its_resnet_encoder_from_local_cache(tmp_path, monkeypatch):
     """Regression: smp's encoder load_state_dict returns None, which crashed the key check."""
-    import torchvision
-
-    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
-    fake = torchvision.models.resnet18().state_dict()
-    fake["conv1.weight"].fill_(0.25)
-    name = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url.rsplit("/", 1)[-1]
-    (tmp_path / "checkpoints").mkdir()
-    torch.save(fake, tmp_path / "checkpoints" / name)
+    _fake_hub_resnet(tmp_path, monkeypatch, 18, 0.25)
     model = build_segmenter(SegmenterConfig(arch="unet", num_classes=2, unet_encoder="resnet18"))
     assert torch.all(model.net.encoder.conv1.weight == 0.25)
