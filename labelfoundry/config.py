@@ -151,9 +151,10 @@ class DownstreamSection(_Strict):
     lr: float = 1e-3
     test_images: int = 500
     oracle_images: int = Field(5000, description="real labeled images for the oracle baseline (built-in domain)")
-    baselines: list[Literal["labeled_only", "oracle", "unfiltered", "no_oversample", "imagenet_transfer"]] = Field(
+    baselines: list[Literal["labeled_only", "oracle", "unfiltered", "no_oversample", "imagenet_transfer", "finetuned"]] = Field(
         default_factory=lambda: ["labeled_only", "oracle"],
         description="no_oversample: the generated-data method without downstream.oversample (its control); "
+        "finetuned: the generated-data method, then fine-tuned on the labeled images (HandsOff's Cityscapes step); "
         "imagenet_transfer: transfer_arch with its ImageNet backbone, fine-tuned on the labeled images (skipped, "
         "with the missing file named in metrics.json, when the weights are not in the local torch hub cache)",
     )
@@ -163,7 +164,8 @@ class DownstreamSection(_Strict):
         default_factory=dict, description="class name -> target fraction of training draws whose label contains "
         "it (generated-data methods only; labeled_only/oracle draw uniformly)"
     )
-    finetune_on_labeled: bool = False
+    finetune_on_labeled: bool = Field(False, description="fine-tune the generated-data method on the labeled images "
+                                      "after training (max(50, max_steps/5) steps); the finetuned baseline does both")
 
 
 class RunnerSection(_Strict):

@@ -98,9 +98,10 @@ def predict_labels(model: torch.nn.Module, items: list[dict], device: str = "cpu
 
 
 def gap_closed(ours: float, labeled_only: float, oracle: float) -> float | None:
-    """Fraction of the labeled-only -> oracle gap that `ours` closes (None if the gap is ~0)."""
+    """Fraction of the labeled-only -> oracle gap that `ours` closes. None when there is no gap to
+    close (labeled-only already reaches the oracle, e.g. a short oracle schedule vs 50 labels)."""
     gap = oracle - labeled_only
-    return None if abs(gap) < 1e-6 else (ours - labeled_only) / gap
+    return None if gap < 1e-6 else (ours - labeled_only) / gap
 
 
 def _mean_defined(values: list) -> float | None:

@@ -136,3 +136,18 @@ def test_sample_writes_a_png_grid(tiny_generator, tmp_path):
     assert res.exit_code == 0, res.output
     with Image.open(tmp_path / "g2.png") as im:
         assert np.array_equal(first, np.asarray(im.convert("RGB")))
+
+
+def test_headline_table_has_the_finetuned_column_and_no_ratio_without_a_gap():
+    from flows.cli import headline
+
+    def summary(**miou):
+        return {"evaluation": {"methods": {m: {"miou": v} for m, v in miou.items()}}}
+
+    s16 = summary(handsoff=0.30, unfiltered=0.33, finetuned=0.41, labeled_only=0.40, oracle=0.54)
+    s50 = summary(handsoff=0.32, unfiltered=0.30, labeled_only=0.58)  # no finetuned run: an empty cell
+    rows = [r for r in headline(s16, s50).splitlines() if r.startswith("| 16") or r.startswith("| 50")]
+    cells16, cells50 = [c.strip() for c in rows[0].split("|")[1:-1]], [c.strip() for c in rows[1].split("|")[1:-1]]
+    assert cells16[3] == "0.410" and float(cells16[-1]) == pytest.approx(1 / 14, abs=1e-3)
+    assert float(cells16[-2]) == pytest.approx(-10 / 14, abs=1e-3)
+    assert cells50[-1] in ("", "—", "None") and cells50[-2] in ("", "—", "None")

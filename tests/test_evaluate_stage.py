@@ -13,7 +13,7 @@ def _run(make_config, tmp_path, name):
     from flows.factory import factory
 
     cfg = make_config(tmp_path / name, tmp_path / name / "run", downstream={
-        "baselines": ["labeled_only", "imagenet_transfer"], "transfer_arch": "unet", "examples": 3})
+        "baselines": ["labeled_only", "imagenet_transfer", "finetuned"], "transfer_arch": "unet", "examples": 3})
     factory(config=str(cfg))
     run = tmp_path / name / "run"
     return json.loads((run / "metrics.json").read_text()), run
@@ -25,6 +25,9 @@ def test_transfer_baseline_is_skipped_and_named_without_weights_then_runs_with_t
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     metrics, run = _run(make_config, tmp_path, "absent")
     assert "imagenet_transfer" not in metrics["methods"]
+    # the fine-tuned variant of ours trains in its own directory and then fine-tunes on the labeled images
+    tuned = [d for d in (run / "evaluate").glob("handsoff-*") if (d / "finetune").is_dir()]
+    assert "finetuned" in metrics["methods"] and len(tuned) == 1 and any((tuned[0] / "finetune").glob("ckpt_*.pt"))
     assert "resnet18-" in metrics["skipped"]["imagenet_transfer"] and str(tmp_path / "hub") in metrics["skipped"]["imagenet_transfer"]
     report = (run / "report" / "evaluation.md").read_text()
     assert "skipped imagenet_transfer" in report

@@ -192,3 +192,12 @@ def test_evaluate_keypoints_and_depth():
     assert res["mnmse"] == pytest.approx(1 / 16)
     assert res["rmse_log"] == pytest.approx(math.log(5 / 4))
     json.dumps(res, allow_nan=False)
+
+
+def test_gap_closed_is_undefined_without_a_gap():
+    from labelfoundry.evaluation import gap_closed
+
+    assert gap_closed(0.5, 0.4, 0.6) == pytest.approx(0.5)
+    assert gap_closed(0.3, 0.4, 0.6) == pytest.approx(-0.5)
+    # labeled-only at or above the oracle (a short oracle schedule vs 50 labels): no gap, no ratio
+    assert gap_closed(0.32, 0.576, 0.537) is None and gap_closed(0.5, 0.5, 0.5) is None
