@@ -113,12 +113,8 @@ def longtail(
         k_list = [int(k) for k in ks.split(",") if k.strip()]
     except ValueError:
         raise typer.BadParameter(f"--ks expects comma-separated integers, got {ks!r}") from None
-    if mode not in ("substitution", "addition"):
-        raise typer.BadParameter(f"--mode must be substitution or addition, got {mode!r}")
-    if oversample is not None and not 0.0 <= oversample <= 1.0:
-        raise typer.BadParameter(f"--oversample is a fraction in [0, 1], got {oversample}")
     overrides = _parse_sets(set_)
-    for k in k_list:  # every setting's config must validate before anything runs
+    for k in k_list:  # every setting's config (mode, oversample range, k) must validate before anything runs
         _check_config(config, deep_merge(overrides, {"labeled": {"longtail": {"cls": cls, "k": k, "mode": mode}},
                                                      "downstream": {"oversample": {cls: oversample} if oversample is not None else {}}}))
     configure_prefect_env()

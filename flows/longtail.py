@@ -107,11 +107,11 @@ def longtail(
             r = ev["methods"][key]
             rows.append({"k": k, "method": label, "key": key, "num_labeled": n_labeled,
                          **longtail_metrics(r["per_class_iou"], ev["class_names"], [cls], ignore),
-                         "per_class_iou": _defined(r["per_class_iou"]), "train_samples": r["train_samples"]})
+                         "per_class_iou": r["per_class_iou"], "train_samples": r["train_samples"]})
         if "oracle" in ev["methods"]:
             r = ev["methods"]["oracle"]
             oracle_row = {"method": "oracle", **longtail_metrics(r["per_class_iou"], ev["class_names"], [cls], ignore),
-                          "per_class_iou": _defined(r["per_class_iou"]), "train_samples": r["train_samples"]}
+                          "per_class_iou": r["per_class_iou"], "train_samples": r["train_samples"]}
     result = {"cls": cls, "mode": mode, "ks": ks, "oversample": oversample, "ignored_classes": ignore,
               "class_names": ev["class_names"], "rows": rows, "oracle": oracle_row, "settings": settings}
     write_report(result, run_root, cfg.labeled.num_images)
@@ -152,11 +152,6 @@ def write_report(result: dict, run_root: Path, num_images: int) -> dict[str, Pat
     create_markdown_artifact("\n".join(md), key=f"longtail-{_key(cls)}-{mode}", description=f"long-tail sweep: {cls}, {mode}")
     create_table_artifact([{k: r[k] for k in ("k", "method", *METRICS)} for r in result["rows"]], key=f"longtail-table-{_key(cls)}-{mode}")
     return {"json": json_path, "md": md_path, "png": png}
-
-
-def _defined(values: list) -> list:
-    """NaN (class absent from test and prediction) -> None, so the JSON file is strict JSON."""
-    return [None if v is None or v != v else float(v) for v in values]
 
 
 def _fmt(v: float | None) -> str:

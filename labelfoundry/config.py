@@ -99,12 +99,9 @@ class LabeledSection(_Strict):
             raise ValueError("labeled.longtail needs labeled.source 'toyfaces' (picked by exact masks); remove it")
         if self.require_rare:
             raise ValueError("labeled.longtail and labeled.require_rare both pick rare images; keep one")
-        from .domains.toyfaces import RARE_CLASSES
+        from .domains.longtail import check_longtail
 
-        if lt.cls not in RARE_CLASSES:
-            raise ValueError(f"labeled.longtail.cls: {lt.cls!r} is not a rare toy-faces class; choose one of {list(RARE_CLASSES)}")
-        if lt.mode == "substitution" and lt.k > self.num_images:
-            raise ValueError(f"labeled.longtail.k ({lt.k}) exceeds labeled.num_images ({self.num_images}) in substitution mode")
+        check_longtail(self.num_images, lt.cls, lt.k, lt.mode)
         return self
 
     @model_validator(mode="after")

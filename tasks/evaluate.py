@@ -126,13 +126,19 @@ def evaluate_stage(cfg, run_dir: Path, inverted: Artifact, store_path: str, mh: 
             skipped["imagenet_transfer"] = f"ImageNet weights not found; place {expected} to run this baseline"
             log.warning("imagenet_transfer baseline skipped: %s", skipped["imagenet_transfer"])
             baselines.remove("imagenet_transfer")
+
+    def method_cfg(name: str) -> dict:
+        """The downstream config a method trains with (its cache key): variants of ours change one key."""
+        if name == "finetuned":
+            return {**ds_cfg, "finetune_on_labeled": True}
+        return ds_cfg if name in generated else plain_cfg  # no_oversample and baselines draw uniformly
+
     for name in [ours, *baselines]:
         m = ours if name in ("no_oversample", "finetuned") else name  # variants of ours (own cache keys)
         results[name] = cached(train_eval_task, run_dir)(
             method=m, run_dir=str(run_dir), store_path=store_path if m in generated else None,
             manifest_hash_=(mh + fh if m == ours else mh) if m in generated else None, inverted=inverted,
-            labeled_cfg=cfg.labeled.model_dump(), downstream_cfg=(ds_cfg if name != "finetuned" else {**ds_cfg, "finetune_on_labeled": True})
-            if m in generated and name != "no_oversample" else plain_cfg, resolution=R,
+            labeled_cfg=cfg.labeled.model_dump(), downstream_cfg=method_cfg(name), resolution=R,
             num_classes=len(names), binary=binary, seed=cfg.seed, code_version=cv, device=device,
         )
     out = {"methods": results, "class_names": names, "num_labeled": cfg.labeled.num_images, "labeler": cfg.labeler.method,

@@ -211,7 +211,8 @@ def test_cli_longtail_passes_its_options_and_validates_first(tmp_path, monkeypat
     assert calls == [{"config": str(cfg), "overrides": {"generate": {"num_samples": 9}}, "cls": "hat", "mode": "addition",
                       "ks": [0, 2, 8], "oversample": 0.3, "drop_top": 0.0}]
     for bad, needle in ((["--cls", "skin"], "not a rare toy-faces class"), (["--ks", "0,20"], "exceeds labeled.num_images"),
-                        (["--ks", "a"], "comma-separated"), (["--set", "generate.num_samplez=1"], "generate.num_samplez")):
+                        (["--ks", "a"], "comma-separated"), (["--set", "generate.num_samplez=1"], "generate.num_samplez"),
+                        (["--mode", "swap"], "labeled.longtail.mode"), (["--oversample", "1.5"], "downstream.oversample")):
         res = run(*bad)
         assert res.exit_code == 2 and needle in " ".join(res.output.split()), res.output
     assert len(calls) == 1

@@ -11,11 +11,10 @@ def load_labeled(section, resolution: int) -> tuple[list[LabeledSample], LabelSc
     if section.source == "toyfaces":
         from . import toyfaces
 
-        res = getattr(section, "resolution", None) or resolution
+        res = section.resolution or resolution
         if res < 8:
             raise ValueError("toyfaces needs a resolution >= 8")
-        style = getattr(section, "style", "photo")
-        lt = getattr(section, "longtail", None)
+        style, lt = section.style, section.longtail
         if lt is not None:  # exactly k rare images (long-tail sweeps)
             from .longtail import pick_longtail
 
@@ -74,7 +73,7 @@ def check_for_inversion(section, generator_resolution: int) -> list[str]:
     """Labeled-set options that inversion (HandsOff) cannot or should not use: raises for a
     resolution other than the generator's (the images are reconstructed by it, pixel for pixel);
     returns warnings for an out-of-domain style (the generator must then reconstruct a look it never made)."""
-    res = getattr(section, "resolution", None)
+    res = section.resolution
     if res is not None and res != generator_resolution:
         raise ValueError(
             f"labeled.resolution is {res} but the generator makes {generator_resolution}x{generator_resolution} "
@@ -82,7 +81,7 @@ def check_for_inversion(section, generator_resolution: int) -> list[str]:
             f"Remove labeled.resolution (or set it to {generator_resolution}), or use labeler.method: "
             "gradient_matching, which learns from labeled images of any resolution and look"
         )
-    if getattr(section, "style", "photo") != "photo":
+    if section.style != "photo":
         return [
             f"labeled.style is {section.style!r}: HandsOff inverts these out-of-domain images into a generator "
             "trained on photo-style faces, so reconstructions (and the labeler fitted on them) may be poor; "

@@ -22,6 +22,20 @@ def contains(sample: LabeledSample, class_id: int) -> bool:
     return bool((sample.mask == class_id).any())
 
 
+def check_longtail(n: int, cls: str, k: int, mode: str) -> None:
+    """Refuse a long-tail spec no labeled set can meet (the config model runs this at parse time)."""
+    from .toyfaces import RARE_CLASSES
+
+    if cls not in RARE_CLASSES:
+        raise ValueError(f"labeled.longtail.cls: {cls!r} is not a rare toy-faces class; choose one of {list(RARE_CLASSES)}")
+    if mode not in ("substitution", "addition"):
+        raise ValueError(f"labeled.longtail.mode must be 'substitution' or 'addition', got {mode!r}")
+    if k < 0:
+        raise ValueError(f"labeled.longtail.k must be >= 0, got {k}")
+    if mode == "substitution" and k > n:
+        raise ValueError(f"labeled.longtail.k ({k}) exceeds labeled.num_images ({n}) in substitution mode")
+
+
 def pick_longtail(
     n: int, resolution: int, cls: str, k: int, mode: Mode, offset: int = 0, style: str = "photo"
 ) -> list[LabeledSample]:
@@ -34,12 +48,7 @@ def pick_longtail(
     """
     from . import toyfaces
 
-    if cls not in toyfaces.RARE_CLASSES:
-        raise ValueError(f"labeled.longtail.cls: {cls!r} is not a rare toy-faces class; choose one of {list(toyfaces.RARE_CLASSES)}")
-    if mode not in ("substitution", "addition"):
-        raise ValueError(f"labeled.longtail.mode must be 'substitution' or 'addition', got {mode!r}")
-    if k < 0 or (mode == "substitution" and k > n):
-        raise ValueError(f"labeled.longtail.k must be in [0, {n}] for substitution of {n} images, got {k}")
+    check_longtail(n, cls, k, mode)
     n_base = n - k if mode == "substitution" else n
     cid = toyfaces.CLASSES.index(cls)
     rare_ids = [toyfaces.CLASSES.index(c) for c in toyfaces.RARE_CLASSES]
