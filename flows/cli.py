@@ -210,11 +210,14 @@ def train_generator_cmd(
     device: str = typer.Option("auto", help="cpu | cuda | auto"),
     export: Optional[Path] = typer.Option(None, help="copy the final G_ema + D here (e.g. the package asset)"),
     max_minutes: Optional[float] = typer.Option(None, help="stop (resumable) after this many minutes"),
+    threads: int = typer.Option(1, help="torch CPU threads (one per process is fastest on a shared machine)"),
 ) -> None:
     """Train the built-in StyleGAN2 on toy faces (resumes from <out>/checkpoint.pt)."""
     import shutil
 
     import torch
+
+    torch.set_num_threads(threads)
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     from labelfoundry.generators.train import GeneratorTrainConfig, train_generator

@@ -102,10 +102,10 @@ class MappingNetwork(nn.Module):
         for i in range(self.num_layers):
             x = getattr(self, f"fc{i}")(x)
         if update_w_avg:
-            self.w_avg.copy_(x.detach().mean(0).lerp(self.w_avg, self.w_avg_beta))
+            self.w_avg.copy_(x.detach().float().mean(0).lerp(self.w_avg, self.w_avg_beta))
         x = x.unsqueeze(1).repeat(1, self.num_ws, 1)
         if psi != 1.0:
-            x = self.w_avg.lerp(x, psi)
+            x = self.w_avg.lerp(x.float(), psi)
         return x
 
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, Field
 
 from ..domains import toyfaces
+from ..precision import bf16_autocast_ok
 from .discriminator import Discriminator, DiscriminatorConfig
 from .io import save_generator
 from .stylegan2 import Generator, StyleGAN2Config
@@ -44,7 +45,8 @@ class GeneratorTrainConfig(BaseModel):
     seed: int = 0
     amp: bool = True
     checkpoint_every: int = 200
-    snapshot_every: int = 500
+    snapshot_every: int = 500  # steps between sample grids
+    snapshot_kimg: float = 50.0  # kimg between kept model snapshots (generator-XXXXXXk.safetensors), scored later
 
     def gamma(self) -> float:
         return self.r1_gamma if self.r1_gamma is not None else 0.0002 * self.resolution**2 / self.batch
@@ -109,7 +111,7 @@ def train_generator(
         G.load_state_dict(st["G"]); D.load_state_dict(st["D"]); G_ema.load_state_dict(st["G_ema"])
         opt_g.load_state_dict(st["opt_g"]); opt_d.load_state_dict(st["opt_d"])
         step, nimg = int(st["step"]), int(st["nimg"])
-    amp = cfg.amp and dev.type == "cuda"
+    amp = cfg.amp and bf16_autocast_ok(dev)
     gamma = cfg.gamma()
     fixed_z = G.z_from_seeds(list(range(64)), dev)
 
@@ -163,6 +165,9 @@ def train_generator(
                 be.copy_(b)
         if step % cfg.checkpoint_every == 0:
             save_ckpt()
+        if nimg // int(cfg.snapshot_kimg * 1000) != (nimg - cfg.batch) // int(cfg.snapshot_kimg * 1000):
+            save_generator(out / f"generator-{nimg // 1000:06d}k.safetensors", G_ema, D,
+                           extra={"kimg": nimg / 1000, "train_config": cfg.model_dump()})
         if step % cfg.snapshot_every == 0:
             with torch.no_grad():
                 save_grid(out / f"samples-{nimg // 1000:06d}k.png", G_ema(fixed_z, noise_mode="const"))

@@ -1,0 +1,29 @@
+"""Reduced-precision support, checked at run time: one answer for every stage that autocasts."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+@functools.cache
+def cpu_bf16_fast() -> bool:
+    """True when this CPU has native bf16 matmul (AVX512-BF16 / AMX), where bf16 beats fp32 several-fold.
+
+    Without it, oneDNN emulates bf16 and autocast only slows things down, so callers keep fp32.
+    """
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) and torch.backends.mkldnn.is_available()
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def bf16_autocast_ok(device: torch.device | str) -> bool:
+    """Whether bf16 autocast pays on `device`: CUDA with bf16 support, or a CPU with native bf16."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if dev.type == "cpu":
+        return cpu_bf16_fast()
+    return False
