@@ -1,0 +1,182 @@
+"""How good is a generator of the built-in domain: fidelity, coverage, rare parts and head-size spread.
+
+Inception features mean little on toy faces and need downloads, so every figure here is measured in
+the eyes of our own *scorer*: a small part segmenter trained on real renders. Its pooled mid-level
+features give the Fréchet distance and the k-NN manifold precision/recall of Kynkäänniemi et al.
+(2019); its predictions give the rate at which generated faces carry each rare part and the spread
+of the head's area. Real-vs-disjoint-real FD is reported beside it as the scale of "as good as real".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .domains import toyfaces
+from .evaluation import toyfaces_split
+from .segmenters import Segmenter, SegmenterConfig, TrainConfig, build_segmenter, train_segmenter
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Fréchet distance between Gaussians fitted to feature sets a (N, D) and b (M, D)."""
+    from scipy import linalg
+
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    mu1, mu2 = a.mean(0), b.mean(0)
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean, _ = linalg.sqrtm(s1 @ s2, disp=False)
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean.real))
+
+
+def _knn_radii(x: np.ndarray, k: int) -> np.ndarray:
+    """Distance from each row of x to its k-th nearest other row (the radius of its manifold ball)."""
+    import faiss
+
+    index = faiss.IndexFlatL2(x.shape[1])
+    index.add(x)
+    d2, _ = index.search(x, k + 1)  # the first neighbour is the point itself
+    return np.sqrt(np.maximum(d2[:, k], 0.0))
+
+
+def _covered(query: np.ndarray, support: np.ndarray, radii: np.ndarray, chunk: int = 1024) -> np.ndarray:
+    """For each query row: does it fall inside the ball of at least one support row?"""
+    out = np.zeros(len(query), bool)
+    s = torch.from_numpy(support)
+    r = torch.from_numpy(radii)
+    for i in range(0, len(query), chunk):
+        d = torch.cdist(torch.from_numpy(query[i : i + chunk]), s)  # exact, fp32
+        out[i : i + chunk] = (d <= r[None]).any(1).numpy()
+    return out
+
+
+def knn_precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3) -> tuple[float, float]:
+    """Improved precision and recall (Kynkäänniemi et al. 2019).
+
+    precision: fraction of generated samples inside the real manifold (the union of balls around
+    each real sample reaching its k-th real neighbour); recall: fraction of real samples inside the
+    generated manifold. Identical sets give (1, 1); disjoint, far-apart sets give (0, 0).
+    """
+    real = np.ascontiguousarray(real, np.float32)
+    fake = np.ascontiguousarray(fake, np.float32)
+    if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
+        raise ValueError(f"feature sets must be (N, D) with one D; got {real.shape} and {fake.shape}")
+    if min(len(real), len(fake)) <= k:
+        raise ValueError(f"need more than k={k} samples in each set; got {len(real)} real, {len(fake)} generated")
+    precision = _covered(fake, real, _knn_radii(real, k)).mean()
+    recall = _covered(real, fake, _knn_radii(fake, k)).mean()
+    return float(precision), float(recall)
+
+
+@dataclass(frozen=True)
+class ScorerSpec:
+    """The scorer segmenter: trained on real renders, seeded, so one spec gives one scorer."""
+
+    resolution: int
+    train_images: int = 4000
+    steps: int = 1500
+    width: int = 32
+    seed: int = 0
+
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps(self.__dict__, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def train_scorer(spec: ScorerSpec, cache_dir: str | Path) -> Segmenter:
+    """Train the scorer once per spec, cached under `cache_dir` (its weights are the determinism)."""
+    cache = Path(cache_dir) / f"scorer-{spec.key()}"
+    model = build_segmenter(SegmenterConfig(arch="tiny_unet", num_classes=len(toyfaces.CLASSES), tiny_width=spec.width,
+                                            pretrained_backbone=False))
+    weights = cache / "scorer.pt"
+    if weights.exists():
+        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        return model.eval()
+    torch.manual_seed(spec.seed)
+    model = build_segmenter(SegmenterConfig(arch="tiny_unet", num_classes=len(toyfaces.CLASSES), tiny_width=spec.width,
+                                            pretrained_backbone=False))
+    data = toyfaces_split("train", spec.train_images, spec.resolution, offset=700_000)
+    train_segmenter(model, data, TrainConfig(max_steps=spec.steps, batch_size=32, seed=spec.seed, checkpoint_every=10**9),
+                    task="segmentation", out_dir=cache / "train", device="cpu")
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = weights.with_suffix(".tmp")
+    torch.save(model.state_dict(), tmp)
+    tmp.replace(weights)
+    return model.eval()
+
+
+def scorer_outputs(model: Segmenter, images: torch.Tensor, batch: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """images (N,3,R,R) in [-1,1] -> (pooled mid-level features (N, D), predicted class maps (N,R,R))."""
+    net = model.net
+    feats, preds = [], []
+    with torch.no_grad():
+        for i in range(0, len(images), batch):
+            x = images[i : i + batch].float()
+            e1 = net.enc1(x)
+            e2 = net.enc2(F.max_pool2d(e1, 2))
+            m = net.mid(F.max_pool2d(e2, 2))
+            d2 = net.dec2(torch.cat([F.interpolate(m, size=e2.shape[-2:], mode="nearest"), e2], 1))
+            feats.append(torch.cat([m.mean((2, 3)), m.amax((2, 3)), d2.mean((2, 3)), d2.amax((2, 3))], 1))
+            preds.append(model(x).argmax(1).to(torch.uint8))
+    return torch.cat(feats).double().numpy(), torch.cat(preds).numpy()
+
+
+def uint8_to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 (N,H,W,3) -> float (N,3,H,W) in [-1, 1], the generator's range."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def presence(pred: np.ndarray, cls: int, min_fraction: float) -> np.ndarray:
+    """Per image: does the class cover at least `min_fraction` of the pixels?"""
+    return (pred == cls).mean((1, 2)) >= min_fraction
+
+
+def head_fraction(pred: np.ndarray) -> np.ndarray:
+    """Per image: fraction of pixels that are not background (face, hair and accessories)."""
+    return (pred != toyfaces.CLASSES.index("background")).mean((1, 2))
+
+
+def generator_quality(G, scorer: Segmenter, n: int = 2000, k: int = 3, min_fraction: float = 0.004,
+                      batch: int = 250) -> dict:
+    """Every figure of a generator's quality on the built-in domain (see the module docstring).
+
+    Real sets are disjoint test and val renders; generated images come from seeds 0..n-1 with constant
+    noise, so a given model and scorer always give the same numbers.
+    """
+    R = G.resolution
+    real_seeds = toyfaces.split_seeds("test", n)
+    real_render = [toyfaces.render(real_seeds[i : i + 500], R) for i in range(0, n, 500)]
+    real_img = np.concatenate([r["image"] for r in real_render])
+    has = {"glasses": np.concatenate([r["has_glasses"] for r in real_render]),
+           "hat": np.concatenate([r["has_hat"] for r in real_render])}
+    real2_img = toyfaces.render_images(toyfaces.split_seeds("val", n, offset=10_000), R)
+    with torch.no_grad():
+        fake = torch.cat([G(G.z_from_seeds(list(range(i, min(i + batch, n)))), noise_mode="const").clamp(-1, 1)
+                          for i in range(0, n, batch)])
+    f_real, p_real = scorer_outputs(scorer, uint8_to_tensor(real_img))
+    f_real2, _ = scorer_outputs(scorer, uint8_to_tensor(real2_img))
+    f_fake, p_fake = scorer_outputs(scorer, fake)
+    precision, recall = knn_precision_recall(f_real, f_fake, k=k)
+    rare_rate, domain_rate, scorer_rate_real = {}, {}, {}
+    for name in toyfaces.RARE_CLASSES:
+        c = toyfaces.CLASSES.index(name)
+        rare_rate[name] = float(presence(p_fake, c, min_fraction).mean())
+        domain_rate[name] = float(has[name].mean())
+        scorer_rate_real[name] = float(presence(p_real, c, min_fraction).mean())
+    extra = getattr(G, "extra", None) or {}
+    return {
+        "kimg": extra.get("kimg"),
+        "n": n,
+        "fd": frechet_distance(f_real, f_fake),
+        "fd_real": frechet_distance(f_real, f_real2),
+        "precision": precision,
+        "recall": recall,
+        "rare_rate": rare_rate,
+        "domain_rate": domain_rate,
+        "scorer_rate_on_real": scorer_rate_real,
+        "head_size_std_ratio": float(head_fraction(p_fake).std() / head_fraction(p_real).std()),
+    }
