@@ -15,11 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 
 from .domains import toyfaces
 from .evaluation import toyfaces_split
+from .sampling import oversample_weights
 from .segmenters import Segmenter, SegmenterConfig, TrainConfig, build_segmenter, train_segmenter
 
 
@@ -82,6 +84,7 @@ class ScorerSpec:
     steps: int = 1500
     width: int = 32
     seed: int = 0
+    rare_draws: float = 0.3  # fraction of training draws showing a rare part, so the scorer learns to find them
 
     def key(self) -> str:
         return hashlib.sha256(json.dumps(self.__dict__, sort_keys=True).encode()).hexdigest()[:12]
@@ -100,8 +103,11 @@ def train_scorer(spec: ScorerSpec, cache_dir: str | Path) -> Segmenter:
     model = build_segmenter(SegmenterConfig(arch="tiny_unet", num_classes=len(toyfaces.CLASSES), tiny_width=spec.width,
                                             pretrained_backbone=False))
     data = toyfaces_split("train", spec.train_images, spec.resolution, offset=700_000)
+    rare_ids = [toyfaces.CLASSES.index(c) for c in toyfaces.RARE_CLASSES]
+    frac = pd.DataFrame({"frac_rare": np.isin(data.masks, rare_ids).mean((1, 2))})
+    weights = oversample_weights(frac, {"rare": spec.rare_draws})
     train_segmenter(model, data, TrainConfig(max_steps=spec.steps, batch_size=32, seed=spec.seed, checkpoint_every=10**9),
-                    task="segmentation", out_dir=cache / "train", device="cpu")
+                    task="segmentation", out_dir=cache / "train", device="cpu", sample_weights=weights.tolist())
     cache.mkdir(parents=True, exist_ok=True)
     tmp = weights.with_suffix(".tmp")
     torch.save(model.state_dict(), tmp)
