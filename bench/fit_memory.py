@@ -17,7 +17,8 @@ import time
 import torch
 
 from labelfoundry.generators import Generator
-from labelfoundry.labelers import HandsOffConfig, HandsOffLabeler
+from labelfoundry.labelers import FitData
+from labelfoundry.labelers.handsoff import HandsOffConfig, HandsOffLabeler
 
 
 def rss_mb() -> float:
@@ -39,7 +40,8 @@ def main() -> None:
     base = rss_mb()
     t0 = time.time()
     cfg = HandsOffConfig(members=10, hidden=(256, 32), min_steps=args.steps, epochs=0.0)
-    HandsOffLabeler.fit(G, ws, cfg, masks=masks, num_classes=8, tap_cache_mb=args.cache_mb)
+    schema = {"class_names": [f"c{i}" for i in range(8)], "colors": [[0, 0, 0]] * 8, "keypoint_names": []}
+    HandsOffLabeler.fit(G, FitData(masks=masks, latents=ws, schema=schema), cfg, tap_cache_mb=args.cache_mb)
     print(json.dumps({
         "images": args.images, "res": args.res, "steps": args.steps, "hypercolumn_channels": sum(G.tap_channels),
         "baseline_rss_mb": base, "peak_rss_mb": rss_mb(), "seconds": time.time() - t0,

@@ -24,7 +24,8 @@ from labelfoundry.domains import toyfaces
 from labelfoundry.features import generate_with_taps
 from labelfoundry.generators import load_generator
 from labelfoundry.inversion.optimize import InversionConfig, invert
-from labelfoundry.labelers import GenBatch, HandsOffConfig, HandsOffLabeler
+from labelfoundry.labelers import FitData, GenBatch
+from labelfoundry.labelers.handsoff import HandsOffConfig, HandsOffLabeler
 from labelfoundry.segmenters.metrics import segmentation_iou
 
 
@@ -66,8 +67,8 @@ def main() -> None:
     inv = invert(G, np.stack([s.image for s in tr]), InversionConfig(steps=args.inv_steps))
     t["invert_train_s"] = time.time() - t0
     t0 = time.time()
-    lab = HandsOffLabeler.fit(G, inv.ws, HandsOffConfig(members=args.members, min_steps=args.min_steps),
-                              masks=np.stack([s.mask for s in tr]), num_classes=K)
+    lab = HandsOffLabeler.fit(G, FitData.from_samples(tr, toyfaces.SCHEMA.to_json(), latents=inv.ws),
+                              HandsOffConfig(members=args.members, min_steps=args.min_steps))
     t["fit_s"] = time.time() - t0
     t0 = time.time()
     invv = invert(G, np.stack([s.image for s in va]), InversionConfig(steps=args.inv_steps))

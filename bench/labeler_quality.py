@@ -30,10 +30,9 @@ from labelfoundry.config import parse_config
 from labelfoundry.domains import toyfaces
 from labelfoundry.domains.base import LabeledSample
 from labelfoundry.features import generate_with_taps
-from labelfoundry.generators import load_generator
+from labelfoundry.generators import load_networks
 from labelfoundry.inversion.optimize import InversionConfig, InversionResult, invert
-from labelfoundry.labelers import SUPERVISED, GenBatch, labeler_class, load_labeler
-from labelfoundry.labelers.handsoff import HandsOffConfig, HandsOffLabeler
+from labelfoundry.labelers import FG_BG_SCHEMA, SUPERVISED, FitData, GenBatch, labeler_class, load_labeler
 from labelfoundry.segmenters.metrics import segmentation_iou
 
 # CPU budgets (the papers' budgets are far larger; say so when you report these numbers).
@@ -75,7 +74,7 @@ def score(lab, method: str, cfg_d: dict, fit_s: float | None, invv: InversionRes
         for i in range(0, len(invv.ws), 16):
             ws = invv.ws[i : i + 16]
             img, taps = generate_with_taps(G, ws, lab.tap_spec)
-            preds.append(lab.label(GenBatch(ws, img, taps)).label.long())
+            preds.append(lab.label(GenBatch(ws, img, taps, G=G)).label.long())
     pred = torch.cat(preds)
     row = {"config": {**cfg_d, **label_sets.get(method, {})}, "fit_s": fit_s,
            "label_s_per_image": (time.time() - t0) / len(pred), **fg_bg(pred, gt)}
@@ -116,7 +115,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    G = load_generator(args.generator)
+    G, D, _ = load_networks(args.generator)
     tag = hashlib.sha256(args.generator.encode()).hexdigest()[:8]
     cache = Path(args.cache)
     t0 = time.time()
@@ -141,20 +140,18 @@ def main() -> None:
         t0 = time.time()
         if args.reuse and saved is not None and saved.exists():
             lab = load_labeler(saved)
-        elif method == "handsoff":
-            tr, inv = inverted(G, "train", args.labeled, args.inv_steps, cache, tag)
-            lab = HandsOffLabeler.fit(G, inv.ws, HandsOffConfig(**cfg_d), masks=np.stack([s.mask for s in tr]),
-                                      num_classes=len(toyfaces.CLASSES))
         else:
-            cls = labeler_class(method)
             cfg = parse_config({"labeler": {"method": method, **cfg_d}}).labeler
-            labeled = None
-            if method in SUPERVISED:
+            data = FitData(schema=dict(FG_BG_SCHEMA), discriminator=D)
+            if method == "handsoff":
+                tr, inv = inverted(G, "train", args.labeled, args.inv_steps, cache, tag)
+                data = FitData.from_samples(tr, toyfaces.SCHEMA.to_json(), latents=inv.ws)
+            elif method in SUPERVISED:
                 res = args.labeled_resolution or G.resolution
                 style = {} if args.labeled_style == "photo" else {"style": args.labeled_style}
                 r = toyfaces.render(toyfaces.split_seeds("train", args.labeled), res, **style)
-                labeled = [LabeledSample(str(i), r["image"][i], r["mask"][i]) for i in range(args.labeled)]
-            lab = cls.fit(G, cfg, labeled=labeled, num_classes=len(toyfaces.CLASSES) if method in SUPERVISED else 2)
+                data = FitData(images=r["image"], masks=r["mask"], schema=toyfaces.SCHEMA.to_json())
+            lab = labeler_class(method).fit(G, data, cfg)
         fit_s = time.time() - t0
         if saved is not None and not (args.reuse and saved.exists()):
             saved.parent.mkdir(parents=True, exist_ok=True)

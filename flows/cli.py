@@ -10,8 +10,6 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from labelfoundry.config import deep_merge
-
 from .env import configure_prefect_env
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="labelfoundry: a labeled-dataset factory on StyleGAN2.")
@@ -78,6 +76,8 @@ def run(
     set_: list[str] = typer.Option([], "--set", help="override a config key: --set generate.num_samples=500"),
 ) -> None:
     """Run the whole factory: invert -> fit -> generate -> filter -> report -> train + evaluate."""
+    from labelfoundry.config import deep_merge
+
     overrides = deep_merge(FULL_OVERRIDES if full else {}, _parse_sets(set_))
     _check_config(config, overrides)
     configure_prefect_env()
@@ -113,6 +113,8 @@ def longtail(
         k_list = [int(k) for k in ks.split(",") if k.strip()]
     except ValueError:
         raise typer.BadParameter(f"--ks expects comma-separated integers, got {ks!r}") from None
+    from labelfoundry.config import deep_merge
+
     overrides = _parse_sets(set_)
     for k in k_list:  # every setting's config (mode, oversample range, k) must validate before anything runs
         _check_config(config, deep_merge(overrides, {"labeled": {"longtail": {"cls": cls, "k": k, "mode": mode}},

@@ -14,10 +14,11 @@ from prefect import flow, get_run_logger, unmapped
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.futures import as_completed
 
+import storage
 from labelfoundry.config import RunConfig, load_config
 from labelfoundry.labelers import NEEDS_INVERSION
-from tasks.common import Artifact, cached, code_version, generator_hash, load_generator_cached, load_labeler_cached
-from tasks.filter import filter_task, flags_hash, manifest_hash
+from tasks.common import Artifact, LabelerArtifact, cached, code_version, generator_hash
+from tasks.filter import filter_task
 from tasks.fit import fit_task
 from tasks.generate import dataset_path, generate_shards_task, prepare_store
 from tasks.invert import invert_task
@@ -54,22 +55,17 @@ def generate_subflow(run_dir: str, groups: list[list[int]], task_args: dict) -> 
             log.info("generation: %d / %d shard groups", done, len(groups))
 
 
-def generate_stage(cfg: RunConfig, run_dir: Path, gh: str, labeler: Artifact, device: str, cv: str) -> str:
+def generate_stage(cfg: RunConfig, run_dir: Path, gh: str, labeler: LabelerArtifact, device: str, cv: str) -> str:
     """Create/reopen the store, generate what is not committed yet, and check every shard committed."""
-    import storage
-
-    G = load_generator_cached(cfg.generator.name, device)
-    lab = load_labeler_cached(labeler.path, labeler.hash, device)
-    gen_cfg = cfg.generate.model_dump()
-    path = dataset_path(str(run_dir), gh, labeler, gen_cfg, cfg.seed, cv)
+    path = dataset_path(str(run_dir), gh, labeler, cfg.generate, cfg.seed, cv)
     provenance = {
-        "generator": cfg.generator.name, "generator_hash": gh, "labeler": lab.name, "labeler_hash": labeler.hash,
-        "generate": gen_cfg, "seed": cfg.seed, "code_version": cv, "task": lab.cfg.task,
+        "generator": cfg.generator.name, "generator_hash": gh, "labeler": labeler.method, "labeler_hash": labeler.hash,
+        "generate": cfg.generate.model_dump(), "seed": cfg.seed, "code_version": cv, "task": labeler.task,
     }
-    store = prepare_store(path, G, lab, gen_cfg, provenance)
+    store = prepare_store(path, labeler, cfg.generate, provenance)
     k = cfg.generate.shards_per_task
     groups = [list(range(i, min(i + k, store.num_shards))) for i in range(0, store.num_shards, k)]
-    task_args = dict(store_path=path, generator=cfg.generator.name, generator_hash=gh, labeler=labeler, gen_cfg=gen_cfg,
+    task_args = dict(store_path=path, generator=cfg.generator.name, generator_hash=gh, labeler=labeler, gen=cfg.generate,
                      run_seed=cfg.seed, code_version=cv, device=device, torch_threads=cfg.runner.torch_threads)
     generate_subflow.with_options(task_runner=make_task_runner(cfg.runner))(run_dir=str(run_dir), groups=groups, task_args=task_args)
     missing = storage.ShardStore.open(path).uncommitted_shards()
@@ -97,20 +93,20 @@ def factory(config: str | None = None, overrides: dict | None = None, stop_after
 
     inverted = run_stage(
         invert_task, run_dir=str(run_dir), generator=cfg.generator.name, generator_hash=gh,
-        labeled_cfg=cfg.labeled.model_dump(), code_version=cv, device=device,
-        inversion_cfg=cfg.inversion.model_dump() if cfg.labeler.method in NEEDS_INVERSION else None,
+        labeled_cfg=cfg.labeled, code_version=cv, device=device,
+        inversion_cfg=cfg.inversion if cfg.labeler.method in NEEDS_INVERSION else None,
     )
     labeler = run_stage(
         fit_task, run_dir=str(run_dir), generator=cfg.generator.name, generator_hash=gh, inverted=inverted,
-        labeler_cfg=cfg.labeler.model_dump(), code_version=cv, device=device,
+        labeler_cfg=cfg.labeler, code_version=cv, device=device,
     )
     summary: dict = {"run_dir": str(run_dir), "inversion": inverted.model_dump(), "labeler": labeler.model_dump()}
     if stop_after != "fit":
         store_path = generate_stage(cfg, run_dir, gh, labeler, device, cv)
-        mh = manifest_hash(store_path)
-        filt_args = dict(store_path=store_path, manifest_hash_=mh, filter_cfg=cfg.filter.model_dump(), code_version=cv)
+        mh = storage.manifest_hash(store_path)
+        filt_args = dict(store_path=store_path, manifest_hash_=mh, filter_cfg=cfg.filter, code_version=cv)
         filtered = cached(filter_task, run_dir)(**filt_args)
-        if filtered["flags_hash"] != flags_hash(store_path):  # another filter config wrote its flags since
+        if filtered["flags_hash"] != storage.flags_hash(store_path):  # another filter config wrote its flags since
             filtered = cached(filter_task, run_dir, refresh=True)(**filt_args)
         counts, fh = filtered["counts"], filtered["flags_hash"]
         report = cached(report_task, run_dir)(run_dir=str(run_dir), store_path=store_path, manifest_hash_=mh + fh, counts=counts, code_version=cv)

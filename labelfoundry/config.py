@@ -14,32 +14,20 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
 from .inversion.optimize import InversionConfig
-from .labelers.gradient_matching import GradientMatchingConfig
-from .labelers.handsoff import HandsOffConfig
-from .labelers.labels4free import Labels4FreeConfig
-from .labelers.latent_direction import LatentDirectionConfig
-from .labelers.stylemix import StyleMixConfig
+from .labelers.registry import DEFAULT_METHOD, REGISTRY
 from .segmenters.models import Arch
 
 
 def _labeler_method(v) -> str:
     """`labeler.method` picks the labeler; HandsOff when omitted."""
-    return (v.get("method") if isinstance(v, dict) else getattr(v, "method", None)) or "handsoff"
+    return (v.get("method") if isinstance(v, dict) else getattr(v, "method", None)) or DEFAULT_METHOD
 
 
+# Built from the registry: a new labeler joins the config by its registry line alone.
 LabelerConfig = Annotated[
-    Union[
-        Annotated[HandsOffConfig, Tag("handsoff")],
-        Annotated[GradientMatchingConfig, Tag("gradient_matching")],
-        Annotated[StyleMixConfig, Tag("stylemix")],
-        Annotated[LatentDirectionConfig, Tag("latent_direction")],
-        Annotated[Labels4FreeConfig, Tag("labels4free")],
-    ],
+    Union[tuple(Annotated[e.config_class(), Tag(m)] for m, e in REGISTRY.items())],  # type: ignore[misc]
     Discriminator(_labeler_method),
 ]
-
-
-_LABELER_TAGS = ("handsoff", "gradient_matching", "stylemix", "latent_direction", "labels4free")
 
 
 class _Strict(BaseModel):
@@ -181,7 +169,7 @@ class RunConfig(_Strict):
     generator: GeneratorSection = GeneratorSection()
     labeled: LabeledSection = LabeledSection()
     inversion: InversionConfig = InversionConfig(steps=300)
-    labeler: LabelerConfig = HandsOffConfig()
+    labeler: LabelerConfig = REGISTRY[DEFAULT_METHOD].config_class()()
     generate: GenerateSection = GenerateSection()
     filter: FilterSection = FilterSection()
     downstream: DownstreamSection = DownstreamSection()
@@ -206,7 +194,7 @@ def parse_config(data: dict | None, origin: str = "<config>") -> RunConfig:
         lines = []
         for err in e.errors():
             loc = list(err["loc"])
-            if len(loc) > 1 and loc[0] == "labeler" and loc[1] in _LABELER_TAGS:  # hide the union's tag
+            if len(loc) > 1 and loc[0] == "labeler" and loc[1] in REGISTRY:  # hide the union's tag
                 del loc[1]
             key = ".".join(str(p) for p in loc) or "<root>"
             lines.append(f"  {key}: {err['msg']}")

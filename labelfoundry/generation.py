@@ -46,7 +46,7 @@ def generate_samples(
         z = G.z_from_seeds(seeds[i : i + batch], dev)
         ws = G.mapping(z, psi=psi)
         image, taps = generate_with_taps(G, ws, labeler.tap_spec)
-        out = labeler.label(GenBatch(ws, image, taps))
+        out = labeler.label(GenBatch(ws, image, taps, G=G, z=z))
         parts["image"].append(((image.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
         lab = out.label.cpu().numpy()
         parts["label"].append(lab if lab.dtype == np.uint8 else lab.astype(np.float16))
@@ -55,8 +55,7 @@ def generate_samples(
             parts["w"].append(ws.cpu().numpy().astype(np.float32))
         score.append(out.score.cpu().numpy())
         top10.append(out.score_top10.cpu().numpy())
-        rej = getattr(out, "rejected", None)  # labelers with dataset refinement (paper 002)
-        rejected.append(np.zeros(len(ws), bool) if rej is None else rej.cpu().numpy().astype(bool))
+        rejected.append(np.zeros(len(ws), bool) if out.rejected is None else out.rejected.cpu().numpy().astype(bool))
     arrays = {k: np.concatenate(v) for k, v in parts.items() if v}
     cols = {
         "seed": np.asarray(seeds, dtype=np.int64),

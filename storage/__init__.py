@@ -2,7 +2,8 @@
 
 Layout: ``data.zarr/`` (sharded arrays), ``manifest/shard-XXXXXX.parquet``
 (one commit marker per shard), ``dataset.json`` (layout + provenance),
-``filters/<name>.parquet`` (keep flags). Torch datasets live in
+``filters/<name>.parquet`` (keep flags). The writer (`store.ShardStore`) and the
+reader (`dataset.open_dataset`) meet only through that format. Torch datasets live in
 :mod:`storage.reader` and are imported lazily so ``import storage`` does
 not import torch.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .dataset import OpenedDataset, open_dataset
+from .dataset import OpenedDataset, flags_hash, manifest_hash, open_dataset
 from .errors import (
     CorruptShardError,
     FormatVersionError,
@@ -60,6 +61,8 @@ __all__ = [
     "StorageError",
     "UncommittedShardError",
     "VerifyReport",
+    "flags_hash",
+    "manifest_hash",
     "open_dataset",
     "sample_checksum",
     "shard_seed",

@@ -17,7 +17,7 @@ import pandas as pd
 from .errors import SampleValidationError
 from .fsio import Root
 from .layout import FILTERS_DIR, filter_key
-from .manifest import part_from_bytes, part_to_bytes
+from .manifest import committed_indices, part_from_bytes, part_to_bytes, read_parts
 
 FilterSpec = Union[str, Callable[[pd.DataFrame], "pd.Series | np.ndarray"], None]
 
@@ -124,3 +124,10 @@ def apply_filter(manifest: pd.DataFrame, spec: FilterSpec) -> pd.DataFrame:
             )
         return manifest[mask]
     raise TypeError(f"filter must be 'keep', None, a query string or a callable, got {type(spec).__name__}")
+
+
+def read_manifest(root: Root, num_shards: int) -> pd.DataFrame:
+    """Every committed row (sorted by sample_id) with the filter flags merged in: what writer and
+    reader both call "the manifest"."""
+    frame = read_parts(root, committed_indices(root, num_shards))
+    return merge_flags(frame, read_flags(root))

@@ -17,6 +17,8 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from labelfoundry.atomic import atomic_write_bytes
+
 
 @dataclass
 class Root:
@@ -93,15 +95,6 @@ class Root:
     def write_atomic(self, relative: str, data: bytes) -> None:
         atomic_write(self.fs, self.key(relative), data)
 
-    def zarr_store(self, relative: str, read_only: bool) -> Any:
-        """A zarr v3 store rooted at ``relative`` (LocalStore on disk, FsspecStore otherwise)."""
-        from zarr.storage import FsspecStore, LocalStore
-
-        if self.is_local:
-            return LocalStore(self.key(relative), read_only=read_only)
-        url = self.fs.unstrip_protocol(self.key(relative))
-        return FsspecStore.from_url(url, storage_options=self.storage_options or None, read_only=read_only)
-
 
 def resolve(path: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> Root:
     """Resolve a local path or fsspec URL into a :class:`Root`."""
@@ -120,27 +113,17 @@ def resolve(path: str | os.PathLike[str], storage_options: dict[str, Any] | None
 def atomic_write(fs: fsspec.AbstractFileSystem, key: str, data: bytes) -> None:
     """Write ``data`` to ``key`` so readers see either nothing or the whole file.
 
-    Local disk: temp file in the same directory, fsync, ``os.replace`` (atomic
-    rename). Other fsspec stores: write a temp key then ``fs.mv`` it into place;
+    Local disk: `labelfoundry.atomic` (temp file in the same directory, fsync,
+    ``os.replace``). Other fsspec stores: write a temp key then ``fs.mv`` it into place;
     object stores (s3, gcs, az) publish an object atomically per PUT/copy, so the
     final key never holds a partial file even though ``mv`` is copy+delete.
     Temp names start with '.' and never match the manifest-part pattern.
     """
+    if isinstance(fs, LocalFileSystem):
+        atomic_write_bytes(key, data, fsync=True)
+        return
     parent, name = posixpath.split(key)
     tmp = posixpath.join(parent, f".{name}.tmp-{uuid.uuid4().hex}")
-    if isinstance(fs, LocalFileSystem):
-        os.makedirs(parent, exist_ok=True)
-        try:
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, key)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        _fsync_dir(parent)
-        return
     fs.makedirs(parent, exist_ok=True)
     try:
         fs.pipe_file(tmp, data)
@@ -151,17 +134,3 @@ def atomic_write(fs: fsspec.AbstractFileSystem, key: str, data: bytes) -> None:
                 fs.rm_file(tmp)
         except OSError:
             pass
-
-
-def _fsync_dir(path: str) -> None:
-    """Persist a rename on POSIX filesystems (no-op where unsupported)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

@@ -247,3 +247,24 @@ def build_layout(
         compression={"name": compression, "level": int(level)},
         provenance=to_json_value(dict(provenance or {}), "provenance"),
     )
+
+
+def read_layout(root: Any) -> tuple[Layout, dict[str, Any]]:
+    """Load ``dataset.json`` of the dataset at ``root`` (a `fsio.Root`): the one place writer and
+    reader agree on what a dataset is. Clear errors for non-datasets and wrong versions."""
+    from .errors import NotADatasetError
+
+    try:
+        raw = root.read_bytes(DATASET_JSON)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
+        raise NotADatasetError(
+            f"{root.describe(DATASET_JSON)} not found: {root.url} is not a labelfoundry dataset. "
+            "Check the path, or create one with ShardStore.create(...)"
+        ) from exc
+    try:
+        info = json.loads(raw)
+    except ValueError as exc:
+        raise NotADatasetError(
+            f"{root.describe(DATASET_JSON)} is not valid JSON ({exc}); restore it or recreate the dataset"
+        ) from exc
+    return Layout.from_dict(info, root.describe(DATASET_JSON)), info

@@ -15,8 +15,8 @@ import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from .fsio import resolve
+from .layout import read_layout
 from .sample_reader import SampleReader
-from .store import read_layout
 
 Transform = Callable[[dict[str, Any]], dict[str, Any]]
 

@@ -1,4 +1,7 @@
-"""ShardStore: create a dataset, write whole shards, commit them, read them back.
+"""ShardStore, the writer: create (or reopen) a dataset, write whole shards, commit them.
+
+It shares nothing with the training-side reader (`storage.dataset`, `storage.reader`) but the
+on-disk format: `layout` (dataset.json), `manifest` and `filters` (Parquet parts), `zarr_io`.
 
 Commit protocol: a shard is committed iff ``manifest/shard-XXXXXX.parquet``
 exists. ``write_shard`` writes the whole shard region of every array in one
@@ -23,7 +26,6 @@ from . import manifest as _manifest
 from .errors import (
     CorruptShardError,
     LayoutMismatchError,
-    NotADatasetError,
     ReadOnlyError,
     SampleValidationError,
     ShardCommittedError,
@@ -32,31 +34,13 @@ from .errors import (
 )
 from .fsio import Root, resolve
 from .hashing import shard_checksums
-from .layout import DATASET_JSON, MANIFEST_DIR, Layout, build_layout, manifest_part_key
+from .layout import DATASET_JSON, MANIFEST_DIR, Layout, build_layout, manifest_part_key, read_layout
 from .sample_reader import SampleReader
-from .zarr_io import create_arrays, open_arrays
+from .zarr_io import create_arrays, open_arrays, versions
 
 log = logging.getLogger(__name__)
 
 _MODES = ("r", "r+", "a")
-
-
-def read_layout(root: Root) -> tuple[Layout, dict[str, Any]]:
-    """Load ``dataset.json``; clear errors for non-datasets and wrong versions."""
-    try:
-        raw = root.read_bytes(DATASET_JSON)
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
-        raise NotADatasetError(
-            f"{root.describe(DATASET_JSON)} not found: {root.url} is not a labelfoundry dataset. "
-            "Check the path, or create one with ShardStore.create(...)"
-        ) from exc
-    try:
-        info = json.loads(raw)
-    except ValueError as exc:
-        raise NotADatasetError(
-            f"{root.describe(DATASET_JSON)} is not valid JSON ({exc}); restore it or recreate the dataset"
-        ) from exc
-    return Layout.from_dict(info, root.describe(DATASET_JSON)), info
 
 
 class ShardStore:
@@ -285,8 +269,7 @@ class ShardStore:
 
     def manifest(self) -> pd.DataFrame:
         """All committed rows (sorted by sample_id) with filter flags merged in."""
-        frame = _manifest.read_parts(self._root, self.committed_shards())
-        return _filters.merge_flags(frame, _filters.read_flags(self._root))
+        return _filters.read_manifest(self._root, self.num_shards)
 
     def filter_names(self) -> list[str]:
         return _filters.filter_names(self._root)
@@ -321,11 +304,17 @@ class ShardStore:
             )
         return reader.read(int(sample_id))
 
-    def dataset(self, filter: _filters.FilterSpec = "keep", **kwargs: Any) -> Any:
-        """Map-style torch Dataset over the selected committed samples."""
-        from .dataset import open_dataset
+    # ------------------------------------------------------------ lifetime
+    def close(self) -> None:
+        """Drop the open zarr handles (they reopen on the next write or read)."""
+        self._write_arrays = None
+        self._reader = None
 
-        return open_dataset(self.url, filter=filter, storage_options=self.storage_options).dataset(**kwargs)
+    def __enter__(self) -> "ShardStore":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def __getstate__(self) -> dict[str, Any]:
         # Zarr handles are per-process: reopen lazily after pickling.
@@ -355,10 +344,7 @@ def _check_same(root: Root, requested: Layout, existing: Layout) -> None:
 
 
 def _versions() -> dict[str, str]:
-    import numcodecs
-    import zarr
-
-    return {"python": platform.python_version(), "zarr": zarr.__version__, "numcodecs": numcodecs.__version__}
+    return {"python": platform.python_version(), **versions()}
 
 
-__all__ = ["ShardStore", "read_layout"]
+__all__ = ["ShardStore"]

@@ -15,9 +15,8 @@ from . import manifest as _manifest
 from .errors import CorruptShardError, MissingChunkError
 from .fsio import resolve
 from .hashing import shard_checksums
-from .layout import manifest_part_key
+from .layout import manifest_part_key, read_layout
 from .sample_reader import SampleReader, regenerate_hint
-from .store import read_layout
 
 
 @dataclass

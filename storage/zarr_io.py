@@ -14,6 +14,23 @@ from zarr.codecs import BloscCodec, ZstdCodec
 from .fsio import Root
 from .layout import DATA_DIR, FORMAT_VERSION, Layout
 
+def zarr_store(root: Root, relative: str, read_only: bool) -> Any:
+    """A zarr v3 store rooted at ``relative`` (LocalStore on disk, FsspecStore otherwise)."""
+    from zarr.storage import FsspecStore, LocalStore
+
+    if root.is_local:
+        return LocalStore(root.key(relative), read_only=read_only)
+    url = root.fs.unstrip_protocol(root.key(relative))
+    return FsspecStore.from_url(url, storage_options=root.storage_options or None, read_only=read_only)
+
+
+def versions() -> dict[str, str]:
+    """zarr and numcodecs versions, recorded in dataset.json at creation."""
+    import numcodecs
+
+    return {"zarr": zarr.__version__, "numcodecs": numcodecs.__version__}
+
+
 # write_empty_chunks=True: an all-zero sample (e.g. an all-background label)
 # must still be stored, otherwise it is indistinguishable from a missing chunk.
 _WRITE_CONFIG = {"write_empty_chunks": True}
@@ -48,7 +65,7 @@ def create_arrays(root: Root, layout: Layout) -> None:
     Overwrites existing array metadata; only called before ``dataset.json``
     exists, i.e. before any shard can have been committed.
     """
-    store = root.zarr_store(DATA_DIR, read_only=False)
+    store = zarr_store(root, DATA_DIR, read_only=False)
     zarr.create_group(store, overwrite=True, attributes={"labelfoundry_format_version": FORMAT_VERSION})
     compressors = make_compressors(layout.compression["name"], layout.compression["level"])
     n, s = layout.num_samples, layout.samples_per_shard
@@ -76,7 +93,7 @@ def open_arrays(root: Root, layout: Layout, *, writable: bool) -> dict[str, Any]
     ``read_missing_chunks=False`` where zarr supports it (the reader also
     checks shard files itself, see ``sample_reader``).
     """
-    store = root.zarr_store(DATA_DIR, read_only=not writable)
+    store = zarr_store(root, DATA_DIR, read_only=not writable)
     group = zarr.open_group(store, mode="r+" if writable else "r")
     config: dict[str, Any] = dict(_WRITE_CONFIG) if writable else {}
     if not writable and supports_read_missing_chunks():
@@ -92,3 +109,16 @@ def open_arrays(root: Root, layout: Layout, *, writable: bool) -> dict[str, Any]
             ) from exc
         arrays[name] = array.with_config(config) if config else array
     return arrays
+
+
+def read_rows(root: Root, layout: Layout, name: str, sample_ids: Any) -> Any:
+    """Array ``name`` at ``sample_ids`` (orthogonal selection), as numpy, for whole-dataset passes.
+
+    Callers pass committed ids only (from the manifest): a missing chunk would read as zeros on
+    zarr < 3.2."""
+    import numpy as np
+
+    if name not in layout.arrays:
+        raise KeyError(f"{root.describe(DATA_DIR)} has no array {name!r} (has {sorted(layout.arrays)})")
+    array = open_arrays(root, layout, writable=False)[name]
+    return np.asarray(array.oindex[np.asarray(sample_ids, dtype=np.int64)])

@@ -22,9 +22,37 @@ class Artifact(BaseModel):
     hash: str
     companions: dict[str, str] = {}  # other files the stage wrote: path -> hash
 
+    def companion(self, name: str) -> str:
+        """The companion file called `name` (e.g. "schema.json"); KeyError naming what exists."""
+        for p in self.companions:
+            if Path(p).name == name:
+                return p
+        raise KeyError(f"{self.path}: no companion file {name!r} (has {sorted(Path(p).name for p in self.companions)})")
+
     def exists_unchanged(self) -> bool:
         files = {self.path: self.hash, **self.companions}
         return all(Path(p).is_file() and file_hash(p) == h for p, h in files.items())
+
+
+class LabelerArtifact(Artifact):
+    """The fit stage's output: the labeler file, and what generation needs to size the store
+    without loading the generator or the labeler."""
+
+    method: str  # registry key of the labeler
+    task: str  # segmentation | keypoints | depth
+    num_outputs: int  # classes, keypoints or 1
+    label_schema: dict  # class_names, colors, keypoint_names
+    resolution: int  # of the generator, = of every label
+    latent_shape: tuple[int, int]  # (num_ws, w_dim) of the generator
+
+    @property
+    def label_shape(self) -> tuple[int, ...]:
+        R = self.resolution
+        return (R, R) if self.task == "segmentation" else (self.num_outputs, R, R)
+
+    @property
+    def label_dtype(self) -> str:
+        return "uint8" if self.task == "segmentation" else "float16"
 
 
 def file_hash(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -71,14 +99,19 @@ _MODELS: dict[tuple, object] = {}
 _LOCK = threading.Lock()
 
 
-def load_generator_cached(name: str, device: str):
-    from labelfoundry.generators import load_generator
+def load_networks_cached(name: str, device: str):
+    """The checkpoint's (G, D, extra), loaded once per process and device."""
+    from labelfoundry.generators import load_networks
 
-    key = ("G", name, device)
+    key = ("nets", name, device)
     with _LOCK:
         if key not in _MODELS:
-            _MODELS[key] = load_generator(name, device=device)
+            _MODELS[key] = load_networks(name, device=device)
         return _MODELS[key]
+
+
+def load_generator_cached(name: str, device: str):
+    return load_networks_cached(name, device).G
 
 
 def load_labeler_cached(path: str, hash_: str, device: str):

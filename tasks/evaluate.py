@@ -46,10 +46,10 @@ def train_eval_task(
     labeled_set = ArrayDataset(*resize_labeled(labeled["image"], labeled["mask"], resolution))
     as_task = _fg_bg if binary else (lambda d: d)
     labeled_set = as_task(labeled_set)
-    from labelfoundry.labelers import METHODS
+    from labelfoundry.labelers import REGISTRY
 
     weights = None
-    if method in METHODS or method == "unfiltered":  # the generated dataset (filtered by default)
+    if method in REGISTRY or method == "unfiltered":  # the generated dataset (filtered by default)
         opened = storage.open_dataset(store_path, filter=None if method == "unfiltered" else "keep")
         train = opened.dataset()
         if ds.get("oversample"):  # targeted oversampling: weights from the manifest's frac_<class> columns
@@ -76,7 +76,7 @@ def train_eval_task(
     metrics = train_and_evaluate(
         train, test, arch=ds["transfer_arch"] if transfer else ds["arch"], num_classes=num_classes, out_dir=out,
         train_cfg=_train_cfg(ds, seed), device=device, sample_weights=weights, examples=ds["examples"],
-        finetune_data=labeled_set if ds["finetune_on_labeled"] and method in METHODS else None,
+        finetune_data=labeled_set if ds["finetune_on_labeled"] and method in REGISTRY else None,
     )
     log.info("%s: mIoU %.3f on %d test images", method, metrics["miou"], len(test))
     return metrics

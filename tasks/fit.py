@@ -1,4 +1,4 @@
-"""Stage 2: fit the labeler — HandsOff on inverted latents, the others on labeled images or on nothing."""
+"""Stage 2: fit the labeler from one FitData, whatever the method (see labelfoundry.labelers.base)."""
 
 from __future__ import annotations
 
@@ -8,57 +8,56 @@ from pathlib import Path
 import numpy as np
 from prefect import get_run_logger, task
 
-from labelfoundry.domains.base import LabeledSample
 from labelfoundry.inversion.optimize import InversionResult
-from labelfoundry.labelers import SUPERVISED, labeler_class
-from labelfoundry.labelers.handsoff import HandsOffConfig, HandsOffLabeler
+from labelfoundry.labelers import FG_BG_SCHEMA, REGISTRY, FitData, labeler_class
 
-from .common import Artifact, file_hash, load_generator_cached
-
-FG_BG_SCHEMA = {"class_names": ["background", "foreground"], "colors": [[0, 0, 0], [255, 255, 255]], "keypoint_names": []}
+from .common import Artifact, LabelerArtifact, file_hash, load_networks_cached
 
 
-def _fit_handsoff(G, data, inv_path: Path, cfg: HandsOffConfig, schema: dict, device: str, log) -> HandsOffLabeler:
-    inv = InversionResult.load(inv_path)
+def fit_data(inverted: Artifact, method: str, discriminator=None, log=None) -> FitData:
+    """The labeled set the invert stage wrote (images, labels, schema, and the W+ latents when the
+    method fits on inverted images), as the method's FitData. Poorly reconstructed images are left
+    out of an inversion-based fit unless they are half the set or more."""
+    entry = REGISTRY[method]
+    if not entry.supervised:  # fg/bg methods learn from the generator alone
+        return FitData(schema=dict(FG_BG_SCHEMA), discriminator=discriminator)
+    arrays = np.load(inverted.path)
+    schema = json.loads(Path(inverted.companion("schema.json")).read_text())
+    data = FitData(
+        images=arrays["image"], masks=arrays["mask"] if "mask" in arrays else None,
+        keypoints=arrays["keypoints"] if "keypoints" in arrays else None,
+        depth=arrays["depth"] if "depth" in arrays else None,
+        depth_valid=arrays["depth_valid"] if "depth_valid" in arrays else None,
+        ids=[str(i) for i in arrays["ids"]], schema=schema, discriminator=discriminator,
+    )
+    if not entry.needs_inversion:
+        return data
+    inv = InversionResult.load(inverted.companion("inversion.pt"))
+    data.latents = inv.ws
     keep = ~inv.flagged if inv.flagged.sum() < len(inv.flagged) / 2 else np.ones_like(inv.flagged)
-    if (~keep).any():
+    if (~keep).any() and log is not None:
         log.warning("fitting without %d poorly reconstructed images", int((~keep).sum()))
-    if cfg.task == "segmentation":
-        kw = {"masks": data["mask"][keep], "num_classes": len(schema["class_names"])}
-    elif cfg.task == "keypoints":
-        kw = {"keypoints": data["keypoints"][keep]}
-    else:
-        kw = {"depth": data["depth"][keep], "depth_valid": data["depth_valid"][keep] if "depth_valid" in data else None}
-    return HandsOffLabeler.fit(G, inv.ws[keep], cfg, device=device, progress=lambda d: log.info("fit %s", d), **kw)
+    return data.subset(keep) if not keep.all() else data
 
 
 @task(name="fit", retries=1)
 def fit_task(
-    run_dir: str, generator: str, generator_hash: str, inverted: Artifact, labeler_cfg: dict, code_version: str, device: str
-) -> Artifact:
-    from labelfoundry.config import parse_config
-
+    run_dir: str, generator: str, generator_hash: str, inverted: Artifact, labeler_cfg, code_version: str, device: str
+) -> LabelerArtifact:
+    """labeler_cfg: the run config's labeler section (a registered labeler's pydantic config)."""
     log = get_run_logger()
-    G = load_generator_cached(generator, device)
-    inv_dir = Path(inverted.path).parent
-    data = np.load(inv_dir / "labeled.npz")
-    schema = json.loads((inv_dir / "schema.json").read_text())
-    cfg = parse_config({"labeler": labeler_cfg}).labeler
-    if cfg.method == "handsoff":
-        labeler = _fit_handsoff(G, data, inv_dir / "inversion.pt", cfg, schema, device, log)
-    else:
-        labeled = None
-        if cfg.method in SUPERVISED:
-            labeled = [LabeledSample(str(i), data["image"][j], data["mask"][j]) for j, i in enumerate(data["ids"])]
-        else:
-            schema = FG_BG_SCHEMA
-        labeler = labeler_class(cfg.method).fit(
-            G, cfg, labeled=labeled, num_classes=len(schema["class_names"]), device=device,
-            progress=lambda d: log.info("fit %s", d),
-        )
-    labeler.meta["schema"] = schema
-    out = Path(run_dir) / "fit"
-    out.mkdir(parents=True, exist_ok=True)
-    labeler.save(out / "labeler.safetensors")
-    log.info("%s labeler fitted", cfg.method)
-    return Artifact(path=str(out / "labeler.safetensors"), hash=file_hash(out / "labeler.safetensors"))
+    nets = load_networks_cached(generator, device)
+    data = fit_data(inverted, labeler_cfg.method, nets.D, log)
+    labeler = labeler_class(labeler_cfg.method).fit(
+        nets.G, data, labeler_cfg, device=device, progress=lambda d: log.info("fit %s", d)
+    )
+    out = Path(run_dir) / "fit" / "labeler.safetensors"
+    labeler.save(out)
+    log.info("%s labeler fitted", labeler_cfg.method)
+    G = nets.G
+    return LabelerArtifact(
+        path=str(out), hash=file_hash(out), method=labeler_cfg.method, task=labeler_cfg.task,
+        num_outputs=labeler.num_outputs, label_schema=labeler.schema, resolution=G.resolution,
+        latent_shape=(G.num_ws, G.w_dim),
+    )
+

@@ -9,35 +9,37 @@ from pathlib import Path
 from prefect import get_run_logger, task
 
 import storage
+from labelfoundry.config import GenerateSection
 from labelfoundry.generation import generate_samples
 
-from .common import Artifact, load_generator_cached, load_labeler_cached, set_threads
+from .common import Artifact, LabelerArtifact, load_generator_cached, load_labeler_cached, set_threads
 
 
-def dataset_path(run_dir: str, generator_hash: str, labeler: Artifact, gen_cfg: dict, seed: int, code_version: str) -> str:
+def dataset_path(run_dir: str, generator_hash: str, labeler: Artifact, gen: GenerateSection, seed: int, code_version: str) -> str:
     """Each (generator, labeler, generate config, seed) gets its own dataset directory, so a changed
     upstream never mixes into, or overwrites, samples already stored."""
-    key = hashlib.sha256(json.dumps([generator_hash, labeler.hash, gen_cfg, seed, code_version], sort_keys=True).encode()).hexdigest()
+    key = hashlib.sha256(
+        json.dumps([generator_hash, labeler.hash, gen.model_dump(), seed, code_version], sort_keys=True).encode()
+    ).hexdigest()
     return str(Path(run_dir) / "datasets" / key[:12])
 
 
-def prepare_store(path: str, G, labeler, gen_cfg: dict, provenance: dict) -> storage.ShardStore:
-    """Create (or reopen, on resume) the preallocated store for this generation."""
-    R = G.resolution
-    task_ = labeler.cfg.task
-    label_shape = (R, R) if task_ == "segmentation" else (labeler.num_outputs, R, R)
+def prepare_store(path: str, labeler: LabelerArtifact, gen: GenerateSection, provenance: dict) -> storage.ShardStore:
+    """Create (or reopen, on resume) the preallocated store for this generation, sized from the
+    fit stage's artifact (no model is loaded)."""
+    R = labeler.resolution
     return storage.ShardStore.create(
         path,
-        num_samples=gen_cfg["num_samples"],
+        num_samples=gen.num_samples,
         image_shape=(R, R),
-        label_shape=label_shape,
-        label_dtype="uint8" if task_ == "segmentation" else "float16",
-        schema=labeler.meta["schema"],
-        samples_per_shard=gen_cfg["samples_per_shard"],
+        label_shape=labeler.label_shape,
+        label_dtype=labeler.label_dtype,
+        schema=labeler.label_schema,
+        samples_per_shard=gen.samples_per_shard,
         with_uncertainty=True,
-        w_shape=(G.num_ws, G.w_dim) if gen_cfg["store_w"] else None,
+        w_shape=tuple(labeler.latent_shape) if gen.store_w else None,
         provenance=provenance,
-        level=gen_cfg["compression_level"],
+        level=gen.compression_level,
     )
 
 
@@ -48,7 +50,7 @@ def generate_shards_task(
     generator: str,
     generator_hash: str,
     labeler: Artifact,
-    gen_cfg: dict,
+    gen: GenerateSection,
     run_seed: int,
     code_version: str,
     device: str,
@@ -59,15 +61,15 @@ def generate_shards_task(
     set_threads(torch_threads)
     G = load_generator_cached(generator, device)
     lab = load_labeler_cached(labeler.path, labeler.hash, device)
-    store = storage.ShardStore.open(store_path, mode="a")
-    committed = set(store.committed_shards())
-    for idx in shard_indices:
-        if idx in committed:
-            continue
-        ids = list(store.shard_range(idx))
-        arrays, cols = generate_samples(
-            G, lab, ids, run_seed, psi=gen_cfg["psi"], batch=gen_cfg["batch"], store_w=gen_cfg["store_w"], device=device
-        )
-        store.write_shard(idx, arrays, cols)
-        log.info("committed shard %d (%d samples)", idx, len(ids))
+    with storage.ShardStore.open(store_path, mode="a") as store:
+        committed = set(store.committed_shards())
+        for idx in shard_indices:
+            if idx in committed:
+                continue
+            ids = list(store.shard_range(idx))
+            arrays, cols = generate_samples(
+                G, lab, ids, run_seed, psi=gen.psi, batch=gen.batch, store_w=gen.store_w, device=device
+            )
+            store.write_shard(idx, arrays, cols)
+            log.info("committed shard %d (%d samples)", idx, len(ids))
     return shard_indices

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 from prefect import get_run_logger, task
 
+from labelfoundry.config import LabeledSection
 from labelfoundry.domains import check_for_inversion, load_labeled
 from labelfoundry.inversion.optimize import InversionConfig, invert
 from labelfoundry.report import save_png
@@ -17,16 +18,15 @@ from .common import Artifact, file_hash, load_generator_cached
 
 @task(name="invert", retries=1)
 def invert_task(
-    run_dir: str, generator: str, generator_hash: str, labeled_cfg: dict, inversion_cfg: dict | None, code_version: str, device: str
+    run_dir: str, generator: str, generator_hash: str, labeled_cfg: LabeledSection, inversion_cfg: InversionConfig | None,
+    code_version: str, device: str,
 ) -> Artifact:
     """Writes invert/labeled.npz (the labeled set with ids, the artifact's path; at labeled.resolution
     when set, else the generator's) and, unless inversion_cfg is None, invert/inversion.pt (ids, W+,
     reconstructions, losses, poor-reconstruction flags)."""
-    from labelfoundry.config import LabeledSection
-
     log = get_run_logger()
     G = load_generator_cached(generator, device)
-    section = LabeledSection.model_validate(labeled_cfg)
+    section = labeled_cfg
     if inversion_cfg is not None:  # fail before rendering/reading anything if the set cannot be inverted
         for msg in check_for_inversion(section, G.resolution):
             log.warning(msg)
@@ -45,7 +45,7 @@ def invert_task(
     if inversion_cfg is None:  # this labeler reads labeled images directly (or none): no latents needed
         log.info("read %d labeled images; no inversion needed", len(samples))
         return Artifact(path=str(out / "labeled.npz"), hash=file_hash(out / "labeled.npz"), companions=companions)
-    cfg = InversionConfig.model_validate(inversion_cfg)
+    cfg = inversion_cfg
     res = invert(G, images, cfg, ids=[s.sample_id for s in samples], device=device,
                  progress=lambda d: log.info("inversion %s", d))
     res.save(out / "inversion.pt")

@@ -63,10 +63,6 @@ TINY: dict = {
 }
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "prefect: runs flows against the session's Prefect test server (started when any selected test has this mark)")
-
-
 @pytest.fixture(scope="session", autouse=True)
 def prefect_server(request):
     """One Prefect test server for the whole session, started before any other fixture when the
@@ -86,17 +82,62 @@ def prefect_server(request):
             os.environ.pop("PREFECT_API_URL", None)
 
 
-@pytest.fixture(scope="session")
-def tiny_generator(tmp_path_factory) -> str:
-    """A random resolution-16 StyleGAN2 saved as safetensors (seconds to run on CPU)."""
+def tiny_G(resolution: int = 16, seed: int = 0):
+    """A random StyleGAN2 small enough for CPU tests: channels and z/w dims equal the resolution,
+    two mapping layers; the same weights for the same (resolution, seed), in eval mode."""
     import torch
 
-    from labelfoundry.generators import Generator, save_generator
+    from labelfoundry.generators import Generator
 
-    torch.manual_seed(0)
-    G = Generator(resolution=16, channel_base=128, channel_max=16, z_dim=16, w_dim=16, map_layers=2)
+    torch.manual_seed(seed)
+    G = Generator(resolution=resolution, channel_base=8 * resolution, channel_max=resolution,
+                  z_dim=resolution, w_dim=resolution, map_layers=2)
+    return G.eval()
+
+
+@pytest.fixture(scope="module")
+def G16():
+    """tiny_G(16), one per test module."""
+    return tiny_G(16)
+
+
+@pytest.fixture(scope="module")
+def G32():
+    """tiny_G(32), one per test module."""
+    return tiny_G(32)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors on a shared 2-core machine: intra-op threads only oversubscribe (10-30x slower).
+    Use with `pytestmark = pytest.mark.usefixtures("one_thread")`; the count comes back after the module."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def schema_of(num_classes: int) -> dict:
+    """A label schema with `num_classes` made-up class names (for tests that need only the count)."""
+    return {"class_names": [f"c{i}" for i in range(num_classes)], "colors": [[0, 0, 0]] * num_classes, "keypoint_names": []}
+
+
+def fit_data(masks=None, num_classes: int = 2, **fields):
+    """A FitData of masks with `num_classes` made-up classes."""
+    from labelfoundry.labelers import FitData
+
+    return FitData(masks=masks, schema=schema_of(num_classes), **fields)
+
+
+@pytest.fixture(scope="session")
+def tiny_generator(tmp_path_factory) -> str:
+    """tiny_G(16) saved as safetensors (seconds to run on CPU)."""
+    from labelfoundry.generators import save_generator
+
     path = tmp_path_factory.mktemp("generator") / "g.safetensors"
-    save_generator(path, G)
+    save_generator(path, tiny_G(16))
     return str(path)
 
 

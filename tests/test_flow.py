@@ -79,11 +79,11 @@ def generate_with_labeler(config: Path, run_dir: Path, labeler: dict, overrides:
     test_same_config_gives_the_same_labeler_in_another_run_dir.)"""
     from flows.factory import generate_stage
     from labelfoundry.config import load_config
-    from tasks.common import Artifact, code_version, generator_hash
+    from tasks.common import LabelerArtifact, code_version, generator_hash
 
     cfg = load_config(config, {"run_dir": str(run_dir), **(overrides or {})})
     run_dir = Path(cfg.run_dir).resolve()
-    return generate_stage(cfg, run_dir, generator_hash(cfg.generator.name), Artifact.model_validate(labeler),
+    return generate_stage(cfg, run_dir, generator_hash(cfg.generator.name), LabelerArtifact.model_validate(labeler),
                           cfg.resolved_device(), code_version_ or code_version())
 
 

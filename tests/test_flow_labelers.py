@@ -5,13 +5,12 @@ import json
 
 import numpy as np
 import pytest
-import torch
 import yaml
 
 import storage
-from labelfoundry.generators import Discriminator, Generator, save_generator
+from labelfoundry.generators import Discriminator, save_generator
 
-from .conftest import TINY
+from .conftest import TINY, tiny_G
 
 pytestmark = pytest.mark.slow
 
@@ -26,8 +25,7 @@ FAST = {
 @pytest.fixture(scope="module")
 def generator_with_d(tmp_path_factory) -> str:
     """Labels4Free needs the GAN's discriminator: a tiny G + D in one file."""
-    torch.manual_seed(0)
-    G = Generator(resolution=16, channel_base=128, channel_max=16, z_dim=16, w_dim=16, map_layers=2)
+    G = tiny_G(16)
     D = Discriminator(resolution=16, channel_base=128, channel_max=16)
     path = tmp_path_factory.mktemp("gd") / "gd.safetensors"
     save_generator(path, G, D)

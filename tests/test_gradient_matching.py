@@ -8,8 +8,8 @@ from torch import nn
 from labelfoundry.domains import toyfaces
 from labelfoundry.domains.base import LabeledSample
 from labelfoundry.features import TapSpec, generate_with_taps
-from labelfoundry.generators import Generator
-from labelfoundry.labelers.base import GenBatch
+from labelfoundry.labelers.base import FitData, GenBatch
+from tests.conftest import schema_of
 from labelfoundry.labelers.gradient_matching import (
     FPNAnnotator,
     GradientMatchingConfig,
@@ -27,9 +27,8 @@ TINY = dict(segmenter_width=8, annotator_width=16, annotator_convs=1, batch_size
 
 
 @pytest.fixture(scope="module")
-def G():
-    torch.manual_seed(0)
-    return Generator(resolution=32, channel_base=256, channel_max=32, z_dim=32, w_dim=32, map_layers=2).eval()
+def G(G32):
+    return G32
 
 
 def _samples(seeds, res):
@@ -101,7 +100,7 @@ def test_fit_label_save_load_with_labels_of_another_resolution(G, tmp_path):
     labeled = _samples([1, 2, 3], 64)  # generator makes 32x32
     cfg = GradientMatchingConfig(steps=3, seg_interval=1, **TINY)
     seen = []
-    lab = GradientMatchingLabeler.fit(G, cfg, labeled=labeled, num_classes=10, progress=seen.append)
+    lab = GradientMatchingLabeler.fit(G, FitData.from_samples(labeled, schema_of(10)), cfg, progress=seen.append)
     assert seen and seen[-1]["step"] == 3 and np.isfinite(seen[-1]["loss"])
     assert lab.name == "gradient_matching" and lab.num_outputs == 10 and lab.resolution == 32
     assert lab.tap_spec.layers == block_output_layers(len(G.tap_channels))
@@ -120,7 +119,7 @@ def test_fit_label_save_load_with_labels_of_another_resolution(G, tmp_path):
     assert torch.equal(again.label, out.label) and torch.equal(again.uncertainty, out.uncertainty)
     assert back.tap_spec == lab.tap_spec and back.cfg == lab.cfg
     # same seed -> same annotator
-    lab2 = GradientMatchingLabeler.fit(G, cfg, labeled=labeled, num_classes=10)
+    lab2 = GradientMatchingLabeler.fit(G, FitData.from_samples(labeled, schema_of(10)), cfg)
     assert torch.equal(lab2.label(GenBatch(ws, img, taps)).label, out.label)
 
 

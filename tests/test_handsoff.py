@@ -6,15 +6,15 @@ import torch
 import torch.nn.functional as F
 
 from labelfoundry.features import FactorizedProjection, TapSpec, gather_taps, generate_with_taps, naive_hypercolumn, pixel_grid
-from labelfoundry.generators import Generator
 from labelfoundry.inversion.optimize import InversionConfig, InversionResult, invert, load_lpips
-from labelfoundry.labelers import GenBatch, HandsOffConfig, HandsOffLabeler, load_labeler
+from labelfoundry.labelers import FitData, GenBatch, load_labeler
+from labelfoundry.labelers.handsoff import HandsOffConfig, HandsOffLabeler
+from tests.conftest import fit_data
 
 
 @pytest.fixture(scope="module")
-def G():
-    torch.manual_seed(0)
-    return Generator(resolution=32, channel_base=256, channel_max=32, z_dim=32, w_dim=32, map_layers=2).eval()
+def G(G32):
+    return G32
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +99,7 @@ def test_fit_and_label_end_to_end(tmp_path, G, batch):
     ws, img, taps = batch
     masks = _masks(img)
     cfg = HandsOffConfig(members=3, hidden=(16, 8), min_steps=120, pixels_per_image=256)
-    lab = HandsOffLabeler.fit(G, ws, cfg, masks=masks, num_classes=3)
+    lab = HandsOffLabeler.fit(G, fit_data(masks, 3, latents=ws), cfg)
     out = lab.label(GenBatch(ws, img, taps))
     acc = (out.label.long() == masks).float().mean().item()
     assert acc > 0.8
@@ -118,21 +118,23 @@ def test_fit_continuous_tasks(G, batch):
     ws, img, taps = batch
     depth = img[:, 0].detach() * 2 + 5
     cfg = HandsOffConfig(task="depth", members=2, hidden=(8, 4), min_steps=30, pixels_per_image=128)
-    lab = HandsOffLabeler.fit(G, ws, cfg, depth=depth)
+    lab = HandsOffLabeler.fit(G, FitData(depth=depth, latents=ws), cfg)
     out = lab.label(GenBatch(ws, img, taps))
     assert out.label.shape == (4, 1, 32, 32) and out.label.dtype == torch.float32
     kp = torch.tensor([[[5.0, 6.0, 1.0], [20.0, 20.0, 1.0]]]).repeat(4, 1, 1)
     cfg = HandsOffConfig(task="keypoints", members=2, hidden=(8, 4), min_steps=20, pixels_per_image=128)
-    out = HandsOffLabeler.fit(G, ws, cfg, keypoints=kp).label(GenBatch(ws, img, taps))
+    out = HandsOffLabeler.fit(G, FitData(keypoints=kp, latents=ws), cfg).label(GenBatch(ws, img, taps))
     assert out.label.shape == (4, 2, 32, 32)
 
 
 def test_fit_rejects_bad_labels(G, batch):
     ws, img, _ = batch
     with pytest.raises(ValueError, match="outside"):
-        HandsOffLabeler.fit(G, ws, HandsOffConfig(min_steps=1), masks=torch.full((4, 32, 32), 7), num_classes=3)
+        HandsOffLabeler.fit(G, fit_data(torch.full((4, 32, 32), 7), 3, latents=ws), HandsOffConfig(min_steps=1))
     with pytest.raises(ValueError, match="generator makes"):
-        HandsOffLabeler.fit(G, ws, HandsOffConfig(min_steps=1), masks=torch.zeros(4, 16, 16, dtype=torch.long), num_classes=3)
+        HandsOffLabeler.fit(G, fit_data(torch.zeros(4, 16, 16, dtype=torch.long), 3, latents=ws), HandsOffConfig(min_steps=1))
+    with pytest.raises(ValueError, match="needs FitData.latents"):
+        HandsOffLabeler.fit(G, fit_data(torch.zeros(4, 32, 32, dtype=torch.long), 3), HandsOffConfig(min_steps=1))
 
 
 def test_class_balanced_sampling_weights(G, batch):
@@ -140,7 +142,7 @@ def test_class_balanced_sampling_weights(G, batch):
     masks = torch.zeros(4, 32, 32, dtype=torch.long)
     masks[:, :2, :2] = 1  # a rare class: 4 of 1024 pixels
     cfg = HandsOffConfig(members=2, hidden=(8, 4), min_steps=60, class_balanced=True, pixels_per_image=128)
-    lab = HandsOffLabeler.fit(G, ws, cfg, masks=masks, num_classes=2)
+    lab = HandsOffLabeler.fit(G, fit_data(masks, 2, latents=ws), cfg)
     _, _, taps = batch
     out = lab.label(GenBatch(ws, img, taps))
     assert (out.label[:, :2, :2] == 1).float().mean() > 0.5  # the rare class is learned, not drowned

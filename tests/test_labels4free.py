@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from labelfoundry.features import TapSpec, generate_with_taps
-from labelfoundry.generators import Discriminator, Generator
-from labelfoundry.labelers.base import GenBatch, LabelBatch
+from labelfoundry.generators import Discriminator
+from labelfoundry.labelers.base import FitData, GenBatch, LabelBatch
 from labelfoundry.labelers.labels4free import (
     AlphaNetwork,
     Labels4FreeConfig,
@@ -14,35 +14,23 @@ from labelfoundry.labelers.labels4free import (
     suppressed_background,
 )
 
-TINY = dict(resolution=16, channel_base=128, channel_max=16, z_dim=16, w_dim=16, map_layers=2)
 FAST = dict(steps=3, batch_size=4, r1_interval=2)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors on a shared 2-core machine: intra-op threads only oversubscribe (10-30x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _G(with_d=True):
-    torch.manual_seed(0)
-    G = Generator(**TINY).eval()
-    if with_d:
-        G.discriminator = Discriminator(resolution=16, channel_base=64, channel_max=16).eval()
-    return G
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def G():
-    return _G()
+def G(G16):
+    return G16
 
 
 @pytest.fixture(scope="module")
-def fitted(G):
-    return Labels4FreeLabeler.fit(G, Labels4FreeConfig(**FAST))
+def D(G):
+    return Discriminator(resolution=16, channel_base=64, channel_max=16).eval()
+
+
+@pytest.fixture(scope="module")
+def fitted(G, D):
+    return Labels4FreeLabeler.fit(G, FitData(discriminator=D), Labels4FreeConfig(**FAST))
 
 
 def _batch(G, spec, n=5, seed=1):
@@ -73,12 +61,16 @@ def test_suppressed_background_drops_coarse_features(G):
     assert bg.shape == (3, 3, 16, 16) and torch.isfinite(bg).all()
     assert not torch.allclose(bg, G.synthesis(ws))
     # the background no longer depends on the 4x4 features (where the object's layout lives)
-    G2 = _G()
+    from tests.conftest import tiny_G
+
+    G2 = tiny_G(16)
     with torch.no_grad():
         G2.synthesis.b4.const.normal_()
         G2.synthesis.b4.conv1.weight.normal_()
     torch.testing.assert_close(suppressed_background(G2, ws), bg)
     assert not torch.allclose(G2.synthesis(ws), G.synthesis(ws))
+    # below the coarsest block nothing is suppressed: the plain synthesis
+    torch.testing.assert_close(suppressed_background(G, ws, cut_resolution=2), G.synthesis(ws).detach())
     mean_bg = suppressed_background(G, ws, cut_resolution=8, mode="mean")
     assert torch.isfinite(mean_bg).all()
 
@@ -97,9 +89,9 @@ def test_loss_terms_by_hand():
     assert alpha_losses(half, logits, cfg)["bin"].item() == pytest.approx(0.5)
 
 
-def test_training_losses_finite_and_regularisers_fall(G):
+def test_training_losses_finite_and_regularisers_fall(G, D):
     cfg = Labels4FreeConfig(steps=16, batch_size=4, lr=1e-2, r1_interval=4, seed=3)
-    lab = Labels4FreeLabeler.fit(G, cfg)
+    lab = Labels4FreeLabeler.fit(G, FitData(discriminator=D), cfg)
     h = lab.history
     assert len(h) == 16
     for rec in h:
@@ -110,10 +102,10 @@ def test_training_losses_finite_and_regularisers_fall(G):
     assert sum(r["loss"] for r in h[-4:]) / 4 < sum(r["loss"] for r in h[:4]) / 4 + 0.1
 
 
-def test_generator_discriminator_is_not_modified(G):
-    before = {k: v.clone() for k, v in G.discriminator.state_dict().items()}
-    Labels4FreeLabeler.fit(G, Labels4FreeConfig(**FAST))
-    after = G.discriminator.state_dict()
+def test_generator_discriminator_is_not_modified(G, D):
+    before = {k: v.clone() for k, v in D.state_dict().items()}
+    Labels4FreeLabeler.fit(G, FitData(discriminator=D), Labels4FreeConfig(**FAST))
+    after = D.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
@@ -140,15 +132,15 @@ def test_label_chunks_do_not_change_results(G, fitted):
     torch.testing.assert_close(small.label(b).uncertainty, fitted.label(b).uncertainty)
 
 
-def test_missing_discriminator_is_a_clear_error():
+def test_missing_discriminator_is_a_clear_error(G):
     with pytest.raises(ValueError, match="discriminator"):
-        Labels4FreeLabeler.fit(_G(with_d=False), Labels4FreeConfig(**FAST))
+        Labels4FreeLabeler.fit(G, FitData(), Labels4FreeConfig(**FAST))
 
 
-def test_independent_background_and_frozen_d_variants(G):
+def test_independent_background_and_frozen_d_variants(G, D):
     cfg = Labels4FreeConfig(steps=2, batch_size=4, bg_latent="independent", bg_mode="mean", train_discriminator=False,
                             tap_layers=(0, 2, 4))
-    lab = Labels4FreeLabeler.fit(G, cfg)
+    lab = Labels4FreeLabeler.fit(G, FitData(discriminator=D), cfg)
     out = lab.label(_batch(G, lab.tap_spec, n=2))
     assert out.label.shape == (2, 16, 16)
     assert len(lab.tap_channels) == 3
@@ -157,7 +149,7 @@ def test_independent_background_and_frozen_d_variants(G):
 def test_save_load_gives_identical_labels(G, fitted, tmp_path):
     path = tmp_path / "l4f.safetensors"
     fitted.save(path)
-    assert not (tmp_path / "l4f.safetensors.tmp").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["l4f.safetensors"]  # no temp file left behind
     loaded = Labels4FreeLabeler.load(path)
     assert loaded.cfg == fitted.cfg and loaded.meta == fitted.meta
     b = _batch(G, fitted.tap_spec, seed=9)
@@ -167,5 +159,5 @@ def test_save_load_gives_identical_labels(G, fitted, tmp_path):
     with pytest.raises(ValueError, match="not a labelfoundry-labels4free file"):
         from labelfoundry.labelers.latent_direction import LatentDirectionConfig, LatentDirectionLabeler
 
-        LatentDirectionLabeler(LatentDirectionConfig(), G.cfg).save(tmp_path / "ld.safetensors")
+        LatentDirectionLabeler(LatentDirectionConfig(), G.w_dim, G.resolution).save(tmp_path / "ld.safetensors")
         Labels4FreeLabeler.load(tmp_path / "ld.safetensors")

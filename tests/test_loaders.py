@@ -30,6 +30,7 @@ from labelfoundry.generators import (
     UnsafeCheckpointError,
     convert_checkpoint,
     load_generator,
+    load_networks,
     save_generator,
 )
 from labelfoundry.generators import loaders
@@ -252,15 +253,15 @@ def test_nvidia_pickle_loads_exactly_without_running_embedded_code(tmp_path, nvi
     write_nvidia_pickle(nvidia_env, pkl, marker, G_ema, D, G_train, layout, protocol=protocol)
     for k in list(nvidia_env.mods):  # the reader must not rely on any of these
         sys.modules.pop(k)
-    G = load_generator(pkl)
+    G, D_G, extra_G = load_networks(pkl)
     assert not marker.exists()
     assert isinstance(G, Generator) and not G.training
     assert G.cfg.channels == G_ema.cfg.channels and G.cfg.map_layers == 2
     assert G.cfg.conv_clamp == 256.0 and G.cfg.num_fp16_res == 2
     assert_same_generator(G_ema, G)  # G_ema, not G, is loaded
-    assert isinstance(G.discriminator, Discriminator) and not G.discriminator.training
-    assert_same_discriminator(D, G.discriminator)
-    assert G.extra["source_format"] == "nvidia-pkl" and G.extra["network"] == "G_ema"
+    assert isinstance(D_G, Discriminator) and not D_G.training
+    assert_same_discriminator(D, D_G)
+    assert extra_G["source_format"] == "nvidia-pkl" and extra_G["network"] == "G_ema"
     assert not marker.exists()
 
 
@@ -291,11 +292,11 @@ def test_nvidia_pickle_without_w_avg_estimates_it(tmp_path, nvidia_env):
     path = tmp_path / "net.pkl"
     path.write_bytes(pickle.dumps({"G_ema": tree}))
     with pytest.warns(UserWarning, match="estimating it as the mean"):
-        G = load_generator(path)
+        G, D_G, extra_G = load_networks(path)
     with torch.no_grad():
         ref = G_src.mapping(torch.randn(20000, G_src.z_dim))[:, 0]
     assert (G.w_avg - ref.mean(0)).abs().max().item() < 0.05 * ref.std(0).mean().item()
-    assert G.discriminator is None
+    assert D_G is None
 
 
 def test_nvidia_refuses_unsupported_architectures(tmp_path, nvidia_env):
@@ -329,8 +330,8 @@ def test_nvidia_refuses_unsupported_architectures(tmp_path, nvidia_env):
     for blk in d_skip.state["_modules"].values():
         blk.state.pop("architecture", None)
     with pytest.warns(UserWarning, match="discriminator not loaded.*'skip'"):
-        G = load_generator(dump("dskip.pkl", {"G_ema": good, "D": d_skip}))
-    assert G.discriminator is None
+        G, D_G, extra_G = load_networks(dump("dskip.pkl", {"G_ema": good, "D": d_skip}))
+    assert D_G is None
     assert_same_generator(G_src, G)
 
 
@@ -507,10 +508,10 @@ def write_rosinality(path, G, D=None, latent_avg=True, args=True, extra_args=Non
 def test_rosinality_training_checkpoint_with_args_namespace(tmp_path):
     G_src, D_src = make_pair(6)
     path = write_rosinality(tmp_path / "080000.pt", G_src, D_src)
-    G = load_generator(path)
+    G, D_G, extra_G = load_networks(path)
     assert_same_generator(G_src, G)
-    assert isinstance(G.discriminator, Discriminator)
-    assert_same_discriminator(D_src, G.discriminator)
+    assert isinstance(D_G, Discriminator)
+    assert_same_discriminator(D_src, D_G)
     assert G.cfg.channels == G_src.cfg.channels and G.cfg.map_layers == G_src.cfg.map_layers
     # the Namespace stand-in was only allowed for that one load
     names = {f"{getattr(g, '__module__', '')}.{getattr(g, '__qualname__', g)}" for g in torch.serialization.get_safe_globals()}
@@ -530,13 +531,13 @@ def test_rosinality_without_latent_avg_warns_and_estimates(tmp_path):
     G_src, _ = make_pair(8)
     path = write_rosinality(tmp_path / "g.pth", G_src, latent_avg=False, args=False)
     with pytest.warns(UserWarning, match="10000 random z"):
-        G = load_generator(path)
+        G, D_G, extra_G = load_networks(path)
     with torch.no_grad():
         ref = G_src.mapping(torch.randn(20000, G_src.z_dim))[:, 0]
         ws = G_src.mapping(torch.randn(2, G_src.z_dim))
         torch.testing.assert_close(G.synthesis(ws), G_src.synthesis(ws), atol=1e-5, rtol=0)
     assert (G.w_avg - ref.mean(0)).abs().max().item() < 0.05 * ref.std(0).mean().item()
-    assert G.discriminator is None
+    assert D_G is None
 
 
 def test_rosinality_nonstandard_blur_kernel_is_refused(tmp_path):
@@ -562,29 +563,30 @@ def test_rosinality_missing_g_ema(tmp_path):
 def test_own_format_round_trip(tmp_path):
     G_src, D_src = make_pair(10, conv_clamp=64.0)
     save_generator(tmp_path / "g.safetensors", G_src, D_src)
-    G = load_generator(tmp_path / "g.safetensors")
+    G, D_G, extra_G = load_networks(tmp_path / "g.safetensors")
     assert not G.training
     assert_same_generator(G_src, G, atol=0)
-    assert_same_discriminator(D_src, G.discriminator, atol=0)
+    assert_same_discriminator(D_src, D_G, atol=0)
 
 
 def test_convert_checkpoint_from_nvidia_and_rosinality(tmp_path, nvidia_env):
     G_src, D_src = make_pair(11)
     pkl = write_nvidia_pickle(nvidia_env, tmp_path / "net.pkl", tmp_path / "marker", G_src, D_src)
     out = convert_checkpoint(pkl, tmp_path / "from_pkl.safetensors")
-    G = load_generator(out)
+    G, D_G, extra_G = load_networks(out)
     assert_same_generator(G_src, G)
-    assert_same_discriminator(D_src, G.discriminator)
-    assert G.extra["source_format"] == "nvidia-pkl" and G.extra["converted_from"] == "net.pkl"
+    assert_same_discriminator(D_src, D_G)
+    assert extra_G["source_format"] == "nvidia-pkl" and extra_G["converted_from"] == "net.pkl"
     assert not (tmp_path / "marker").exists()
 
     pt = write_rosinality(tmp_path / "r.pt", G_src, D_src)
-    G2 = load_generator(convert_checkpoint(pt, tmp_path / "from_pt.safetensors"))
+    G2, D_G2, extra_G2 = load_networks(convert_checkpoint(pt, tmp_path / "from_pt.safetensors"))
     assert_same_generator(G_src, G2)
-    assert_same_discriminator(D_src, G2.discriminator)
+    assert_same_discriminator(D_src, D_G2)
     # converting a loaded own-format file again works too (D is kept out of the G.* tensors)
-    G3 = load_generator(convert_checkpoint(tmp_path / "from_pt.safetensors", tmp_path / "again.safetensors"))
+    G3, D_G3, extra_G3 = load_networks(convert_checkpoint(tmp_path / "from_pt.safetensors", tmp_path / "again.safetensors"))
     assert_same_generator(G_src, G3)
+    assert_same_discriminator(D_src, D_G3)
     with pytest.raises(ValueError, match=".safetensors"):
         convert_checkpoint(pt, tmp_path / "out.pt")
 

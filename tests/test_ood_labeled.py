@@ -9,16 +9,15 @@ import json
 
 import numpy as np
 import pytest
-import torch
 import yaml
 
 from labelfoundry.config import ConfigError, LabeledSection, parse_config
 from labelfoundry.domains import check_for_inversion, load_labeled, pick_toyfaces, toyfaces
-from labelfoundry.domains.base import LabeledSample, resize_labeled
-from labelfoundry.generators import Generator
+from labelfoundry.domains.base import resize_labeled
+from labelfoundry.labelers import FitData
 from labelfoundry.labelers.gradient_matching import GradientMatchingConfig, GradientMatchingLabeler
 
-from .conftest import TINY
+from .conftest import TINY, schema_of
 
 # sha256 of render(range(8), R)["image"] before `style` existed: the shipped generator was trained on these pixels.
 PHOTO_SHA = {
@@ -127,14 +126,13 @@ def test_resize_labeled_for_the_baselines():
     assert same[0] is r["image"] and same[1] is r["mask"]
 
 
-def test_gradient_matching_learns_from_flat_labels_at_another_resolution():
-    torch.manual_seed(0)
-    G = Generator(resolution=16, channel_base=128, channel_max=16, z_dim=16, w_dim=16, map_layers=2).eval()
+def test_gradient_matching_learns_from_flat_labels_at_another_resolution(G16):
+    G = G16
     r = toyfaces.render(toyfaces.split_seeds("train", 4), 32, style="flat")
-    labeled = [LabeledSample(str(i), r["image"][i], r["mask"][i]) for i in range(4)]
+    data = FitData(images=r["image"], masks=r["mask"], schema=schema_of(len(toyfaces.CLASSES)))
     cfg = GradientMatchingConfig(steps=3, segmenter_width=8, annotator_width=16, annotator_convs=1, batch_size=2)
     seen: list[dict] = []
-    lab = GradientMatchingLabeler.fit(G, cfg, labeled=labeled, num_classes=len(toyfaces.CLASSES), progress=seen.append)
+    lab = GradientMatchingLabeler.fit(G, data, cfg, progress=seen.append)
     assert seen[-1]["step"] == 3 and np.isfinite(seen[-1]["loss"])
     assert lab.resolution == 16 and lab.num_outputs == len(toyfaces.CLASSES)
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from labelfoundry.generators import Generator
+from labelfoundry.labelers import FitData
 from labelfoundry.labelers.base import GenBatch
 from labelfoundry.labelers.stylemix import (
     StyleMixConfig,
@@ -19,9 +19,8 @@ TINY = dict(n_styles=4, k=3, niter=10, render_batch=8)
 
 
 @pytest.fixture(scope="module")
-def G():
-    torch.manual_seed(0)
-    return Generator(resolution=16, channel_base=128, channel_max=16, z_dim=16, w_dim=16, map_layers=2).eval()
+def G(G16):
+    return G16
 
 
 def _two_regions(R=16, n=6, seed=0):
@@ -64,34 +63,47 @@ def test_default_cutoff_maps_the_paper_cutoff_proportionally():
 
 def test_label_end_to_end_deterministic_and_save_load(G, tmp_path):
     cfg = StyleMixConfig(**TINY)
-    lab = StyleMixLabeler.fit(G, cfg, labeled=None, num_classes=None)
+    lab = StyleMixLabeler.fit(G, FitData(), cfg)
     assert lab.name == "stylemix" and lab.num_outputs == 2 and lab.resolution == 16
     assert lab.cutoff == default_cutoff(G.num_ws) and lab.tap_spec.layers == ()
     ws = G.mapping(torch.randn(3, G.z_dim, generator=torch.Generator().manual_seed(1)))
     img = G.synthesis(ws).detach()
-    out = lab.label(GenBatch(ws, img, []))
+    out = lab.label(GenBatch(ws, img, [], G=G))
     assert out.label.shape == (3, 16, 16) and out.label.dtype == torch.uint8
     assert set(out.label.unique().tolist()) <= {0, 1}
     assert out.uncertainty.shape == (3, 16, 16) and out.uncertainty.dtype == torch.float32
     assert (out.uncertainty >= 0).all() and (out.uncertainty <= 1).all()
     assert out.score.shape == (3,) and out.score_top10.shape == (3,)
-    raw = lab.cluster(ws)
+    raw = lab.cluster(G, ws)
     assert raw.clusters.shape == (3, 16, 16) and raw.foreground.shape == (3, 3) and int(raw.clusters.max()) < 3
 
     # labels come from batch.ws only (inverted real photos pass their ws): image/taps are ignored
-    assert torch.equal(lab.label(GenBatch(ws, torch.zeros_like(img), [])).label, out.label)
+    assert torch.equal(lab.label(GenBatch(ws, torch.zeros_like(img), [], G=G)).label, out.label)
     # deterministic: a second fit with the same seed, and independent of batch composition
-    again = StyleMixLabeler.fit(G, cfg, labeled=None, num_classes=None).label(GenBatch(ws[1:2], img[1:2], []))
+    again = StyleMixLabeler.fit(G, FitData(), cfg).label(GenBatch(ws[1:2], img[1:2], [], G=G))
     assert torch.equal(again.label[0], out.label[1]) and torch.equal(again.uncertainty[0], out.uncertainty[1])
 
     path = tmp_path / "sm.safetensors"
     lab.save(path)
     back = StyleMixLabeler.load(path)
-    res = back.label(GenBatch(ws, img, []))
+    res = back.label(GenBatch(ws, img, [], G=G))
     assert torch.equal(res.label, out.label) and torch.equal(res.uncertainty, out.uncertainty)
     assert back.cfg == cfg and back.cutoff == lab.cutoff
 
 
-def test_fit_rejects_more_than_two_classes(G):
-    with pytest.raises(ValueError, match="num_classes must be 2"):
-        StyleMixLabeler.fit(G, StyleMixConfig(**TINY), labeled=None, num_classes=5)
+def test_labeler_file_holds_no_generator_and_refuses_another_one(G, tmp_path):
+    from safetensors import safe_open
+
+    from tests.conftest import tiny_G
+
+    lab = StyleMixLabeler.fit(G, FitData(), StyleMixConfig(**TINY))
+    lab.save(tmp_path / "sm.safetensors")
+    with safe_open(str(tmp_path / "sm.safetensors"), framework="pt") as f:
+        assert list(f.keys()) == ["style_ws"]  # no generator tensors: G is named by its fingerprint
+    back = StyleMixLabeler.load(tmp_path / "sm.safetensors")
+    ws = G.mapping(torch.randn(1, G.z_dim))
+    img = G.synthesis(ws)
+    with pytest.raises(ValueError, match="build the GenBatch with G="):
+        back.label(GenBatch(ws, img, []))
+    with pytest.raises(ValueError, match="refit the labeler on this generator"):
+        back.label(GenBatch(ws, img, [], G=tiny_G(16, seed=1)))

@@ -1,8 +1,8 @@
 """StyleGAN2 generators: our implementation, our checkpoint format, and loaders for public formats."""
 
 from .discriminator import Discriminator, DiscriminatorConfig
-from .io import load_own, save_generator
-from .loaders import ACCEPTED_FORMATS, BUILTIN_MODELS, UnsupportedNetworkError, convert_checkpoint, load_generator
+from .io import Networks, load_own, save_generator
+from .loaders import ACCEPTED_FORMATS, BUILTIN_MODELS, UnsupportedNetworkError, convert_checkpoint, load_generator, load_networks
 from .safe_pickle import UnsafeCheckpointError
 from .stylegan2 import Generator, StyleGAN2Config
 
@@ -12,11 +12,13 @@ __all__ = [
     "Discriminator",
     "DiscriminatorConfig",
     "Generator",
+    "Networks",
     "StyleGAN2Config",
     "UnsafeCheckpointError",
     "UnsupportedNetworkError",
     "convert_checkpoint",
     "load_generator",
+    "load_networks",
     "load_own",
     "save_generator",
 ]

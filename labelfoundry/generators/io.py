@@ -9,11 +9,13 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..atomic import atomic_path
 from .discriminator import Discriminator, DiscriminatorConfig
 from .stylegan2 import Generator, StyleGAN2Config
 
@@ -21,29 +23,36 @@ FORMAT = "labelfoundry-stylegan2"
 FORMAT_VERSION = "1"
 
 
+class Networks(NamedTuple):
+    """A checkpoint's networks side by side, as a training snapshot keeps them: G (the one used for
+    sampling: G_ema where the file has it), D when the file holds one we can represent, and where
+    the weights came from."""
+
+    G: Generator
+    D: Discriminator | None = None
+    extra: dict = {}
+
+    def to(self, device: str | torch.device) -> "Networks":
+        """Both networks on `device`, in eval mode."""
+        D = None if self.D is None else self.D.to(device).eval()
+        return Networks(self.G.to(device).eval(), D, self.extra)
+
+
 def save_generator(path: str | os.PathLike, G: Generator, D: Discriminator | None = None, extra: dict | None = None) -> None:
     """Write G (and D) atomically: a crash mid-write never leaves a half file under `path`."""
-    # A loaded G carries its D as a submodule; D's tensors go under D.* only.
-    tensors = {
-        f"G.{k}": v.detach().to("cpu").contiguous()
-        for k, v in G.state_dict().items()
-        if not k.startswith("discriminator.")
-    }
+    tensors = {f"G.{k}": v.detach().to("cpu").contiguous() for k, v in G.state_dict().items()}
     meta = {"format": FORMAT, "version": FORMAT_VERSION, "G": json.dumps(G.cfg.to_json())}
     if D is not None:
         tensors.update({f"D.{k}": v.detach().to("cpu").contiguous() for k, v in D.state_dict().items()})
         meta["D"] = json.dumps(D.cfg.to_json())
     if extra:
         meta["extra"] = json.dumps(extra)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
 
 
-def load_own(path: str | os.PathLike, device: str | torch.device = "cpu") -> Generator:
-    """Load a generator saved by `save_generator`; `.discriminator` is set when the file has one."""
+def load_own(path: str | os.PathLike, device: str | torch.device = "cpu") -> Networks:
+    """Load the networks saved by `save_generator` (D is None when the file has none)."""
     path = Path(path)
     try:
         with safe_open(str(path), framework="pt", device=str(device)) as f:
@@ -58,9 +67,8 @@ def load_own(path: str | os.PathLike, device: str | torch.device = "cpu") -> Gen
         raise ValueError(f"{path}: cannot read safetensors file ({e}); re-download or re-export it") from e
     G = Generator(StyleGAN2Config.from_json(json.loads(meta["G"])))
     G.load_state_dict({k[2:]: v for k, v in state.items() if k.startswith("G.")})
+    D = None
     if "D" in meta:
         D = Discriminator(DiscriminatorConfig.from_json(json.loads(meta["D"])))
         D.load_state_dict({k[2:]: v for k, v in state.items() if k.startswith("D.")})
-        G.discriminator = D.to(device).eval()
-    G.extra = json.loads(meta.get("extra", "{}"))
-    return G.to(device).eval()
+    return Networks(G, D, json.loads(meta.get("extra", "{}"))).to(device)

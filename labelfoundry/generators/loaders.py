@@ -31,18 +31,20 @@ import torch
 
 from . import safe_pickle as sp
 from .discriminator import Discriminator, DiscriminatorConfig
-from .io import load_own, save_generator
+from .io import Networks, load_own, save_generator
 from .ops import make_filter
 from .safe_pickle import UnsafeCheckpointError
 from .stylegan2 import Generator, StyleGAN2Config
 
 __all__ = [
+    "Networks",
     "ACCEPTED_FORMATS",
     "BUILTIN_MODELS",
     "UnsafeCheckpointError",
     "builtin_model_path",
     "convert_checkpoint",
     "load_generator",
+    "load_networks",
     "load_nvidia_pickle",
     "load_rosinality",
 ]
@@ -87,14 +89,19 @@ def resolve_generator_path(path_or_name: str | os.PathLike) -> Path:
 
 
 def load_generator(path_or_name: str | os.PathLike, device: str | torch.device = "cpu") -> Generator:
-    """Load any supported checkpoint as our `Generator` (eval mode, on `device`).
+    """Load any supported checkpoint's generator as our `Generator` (eval mode, on `device`)."""
+    return load_networks(path_or_name, device).G
 
-    ``G.discriminator`` is set when the file holds a discriminator we can represent; ``G.extra``
-    records where the weights came from.
+
+def load_networks(path_or_name: str | os.PathLike, device: str | torch.device = "cpu") -> Networks:
+    """Load any supported checkpoint as `Networks` (G, D, extra), in eval mode on `device`.
+
+    D is set when the file holds a discriminator we can represent; extra records where the
+    weights came from.
     """
     name = str(path_or_name)
     if name in BUILTIN_MODELS:
-        return load_own(builtin_model_path(name), device=device).eval()
+        return load_own(builtin_model_path(name), device=device)
     path = Path(path_or_name).expanduser()
     suffix = path.suffix.lower()
     loader = {".safetensors": None, ".pkl": load_nvidia_pickle, ".pt": load_rosinality, ".pth": load_rosinality}
@@ -103,7 +110,7 @@ def load_generator(path_or_name: str | os.PathLike, device: str | torch.device =
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint file; accepted: {ACCEPTED_FORMATS}")
     if suffix == ".safetensors":
-        return load_own(path, device=device).eval()
+        return load_own(path, device=device)
     return loader[suffix](path, device=device)
 
 
@@ -112,9 +119,8 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     dst = Path(dst)
     if dst.suffix.lower() != ".safetensors":
         raise ValueError(f"{dst}: the converted checkpoint must be a .safetensors file")
-    G = load_generator(src, device="cpu")
-    D = G.discriminator
-    extra = dict(getattr(G, "extra", None) or {})
+    G, D, extra = load_networks(src, device="cpu")
+    extra = dict(extra)
     extra.setdefault("converted_from", Path(str(src)).name)
     save_generator(dst, G, D, extra=extra)
     return dst
@@ -182,8 +188,8 @@ def _init_kwargs(stub: Any, positional: tuple[str, ...]) -> dict:
     return sp.plain(kw)
 
 
-def load_nvidia_pickle(path: str | os.PathLike, device: str | torch.device = "cpu") -> Generator:
-    """NVIDIA stylegan2-ada-pytorch / stylegan3-repo StyleGAN2 network pickle -> our Generator.
+def load_nvidia_pickle(path: str | os.PathLike, device: str | torch.device = "cpu") -> Networks:
+    """NVIDIA stylegan2-ada-pytorch / stylegan3-repo StyleGAN2 network pickle -> our (G, D).
 
     Uses ``G_ema`` (else ``G``) and ``D`` when present. Nothing from the pickle is executed: see
     `safe_pickle`. Conditional (c_dim > 0), non-'skip' generators and StyleGAN3 (alias-free)
@@ -197,18 +203,29 @@ def load_nvidia_pickle(path: str | os.PathLike, device: str | torch.device = "cp
     if key is None:
         raise ValueError(f"{path}: no 'G_ema' or 'G' network in this pickle (keys: {sorted(map(str, data))})")
     G = _nvidia_generator(data[key], path, key)
+    D = None
     if data.get("D") is not None:
         try:
-            G.discriminator = _nvidia_discriminator(data["D"], path)
+            D = _nvidia_discriminator(data["D"], path)
         except UnsupportedNetworkError as e:
             warnings.warn(f"discriminator not loaded, generator only: {e}", stacklevel=2)
-    G.extra = {"source_format": "nvidia-pkl", "source": path.name, "network": key}
-    return G.to(device).eval()
+    return Networks(G, D, {"source_format": "nvidia-pkl", "source": path.name, "network": key}).to(device)
 
 
 def _nvidia_generator(stub: Any, path: Path, key: str) -> Generator:
+    """A pickled NVIDIA StyleGAN2 generator stub -> our Generator: check that we can represent it,
+    read its configuration, then load its tensors by name."""
     if not sp.is_module(stub):
         raise ValueError(f"{path}: {key!r} is not a pickled network (got {type(stub).__name__})")
+    kids, syn_kids = _nvidia_networks(stub, path, key)
+    sd = sp.module_state_dict(stub)
+    G = Generator(_nvidia_config(stub, kids, syn_kids, sd, path))
+    _load_nvidia_state(G, sd, path, key)
+    return G
+
+
+def _nvidia_kwargs(stub: Any):
+    """get(name, default): an init kwarg of the stub, else its attribute, else default."""
     st = sp.stub_state(stub)
     kw = _init_kwargs(stub, _G_POSITIONAL)
 
@@ -216,6 +233,12 @@ def _nvidia_generator(stub: Any, path: Path, key: str) -> Generator:
         v = kw.get(name, st.get(name, default))
         return default if v is None else v
 
+    return kw, get
+
+
+def _nvidia_networks(stub: Any, path: Path, key: str) -> tuple[dict, dict]:
+    """(children of G, children of G.synthesis), refusing conditional and StyleGAN3 generators."""
+    _, get = _nvidia_kwargs(stub)
     c_dim = int(get("c_dim", 0))
     if c_dim != 0:
         raise UnsupportedNetworkError(
@@ -232,7 +255,13 @@ def _nvidia_generator(stub: Any, path: Path, key: str) -> Generator:
                 "StyleGAN2 ('skip' architecture, stylegan2-ada-pytorch or stylegan3-repo networks_stylegan2) only"
             )
         raise UnsupportedNetworkError(f"{path}: unrecognised synthesis network (submodules {sorted(syn_kids)[:8]})")
+    return kids, syn_kids
 
+
+def _nvidia_config(stub: Any, kids: dict, syn_kids: dict, sd: dict, path: Path) -> StyleGAN2Config:
+    """Our StyleGAN2Config from the stub's init kwargs, attributes and tensor shapes; refuses
+    architectures our StyleGAN2 cannot represent."""
+    kw, get = _nvidia_kwargs(stub)
     resolution = int(get("img_resolution"))
     img_channels = int(get("img_channels", 3))
     z_dim, w_dim = int(get("z_dim")), int(get("w_dim"))
@@ -252,7 +281,6 @@ def _nvidia_generator(stub: Any, path: Path, key: str) -> Generator:
     if mapping_kwargs.get("activation", "lrelu") != "lrelu":
         raise UnsupportedNetworkError(f"{path}: mapping activation {mapping_kwargs['activation']!r} is not supported")
 
-    sd = sp.module_state_dict(stub)
     if any(k.startswith("mapping.embed.") for k in sd):
         raise UnsupportedNetworkError(f"{path}: the mapping network has a label embedding (conditional model)")
     map_layers = sum(1 for k in sd if re.fullmatch(r"mapping\.fc\d+\.weight", k))
@@ -276,14 +304,18 @@ def _nvidia_generator(stub: Any, path: Path, key: str) -> Generator:
     if num_fp16_res is None:  # not recorded: count the blocks that were built for fp16
         num_fp16_res = sum(bool(sp.stub_state(syn_kids[f"b{r}"]).get("use_fp16")) for r in block_res)
 
-    cfg = StyleGAN2Config(
+    return StyleGAN2Config(
         resolution=resolution, z_dim=z_dim, w_dim=w_dim, img_channels=img_channels, map_layers=map_layers,
         mapping_lr_mult=float(lr_mult), channel_base=int(syn_kwargs.get("channel_base", 32768)),
         channel_max=int(syn_kwargs.get("channel_max", 512)), num_fp16_res=int(num_fp16_res),
         conv_clamp=_num(conv_clamp), w_avg_beta=float(w_avg_beta) if w_avg_beta is not None else 0.995,
         channels={r: int(sd[f"synthesis.b{r}.conv1.weight"].shape[0]) for r in block_res},
     )
-    G = Generator(cfg)
+
+
+def _load_nvidia_state(G: Generator, sd: dict, path: Path, key: str) -> None:
+    """Load the pickle's tensors into G by name (strict), filling what NVIDIA leaves implicit:
+    absent noise (strength 0) and an absent w_avg (estimated from samples)."""
     for k, v in sd.items():
         if k.endswith("resample_filter"):
             _check_filter(path, k, v)
@@ -294,11 +326,10 @@ def _nvidia_generator(stub: Any, path: Path, key: str) -> Generator:
             sd[k.replace("noise_strength", "noise_const")] = G.state_dict()[k.replace("noise_strength", "noise_const")]
     has_w_avg = "mapping.w_avg" in sd
     if not has_w_avg:
-        sd["mapping.w_avg"] = torch.zeros(w_dim)
+        sd["mapping.w_avg"] = torch.zeros(G.w_dim)
     _load_strict(path, G, sd, f"generator {key!r}")
     if not has_w_avg:
         _estimate_w_avg(G, path)
-    return G
 
 
 def _nvidia_discriminator(stub: Any, path: Path) -> Discriminator:
@@ -394,7 +425,7 @@ def _torch_load_safe(path: Path) -> Any:
 
 def load_rosinality(
     path: str | os.PathLike, device: str | torch.device = "cpu", lr_mlp: float = 0.01
-) -> Generator:
+) -> Networks:
     """rosinality stylegan2-pytorch checkpoint (``g_ema`` required; ``latent_avg``, ``d`` optional).
 
     The architecture (size, channels, n_mlp, style_dim) is read from tensor shapes; ``lr_mlp`` is
@@ -411,13 +442,13 @@ def load_rosinality(
         G.mapping.w_avg.copy_(torch.as_tensor(ckpt["latent_avg"]).reshape(-1).float())
     else:
         _estimate_w_avg(G, path)
+    D = None
     if isinstance(ckpt.get("d"), dict):
         try:
-            G.discriminator = _rosinality_discriminator(ckpt["d"], path)
+            D = _rosinality_discriminator(ckpt["d"], path)
         except UnsupportedNetworkError as e:
             warnings.warn(f"discriminator not loaded, generator only: {e}", stacklevel=2)
-    G.extra = {"source_format": "rosinality-pt", "source": path.name}
-    return G.to(device).eval()
+    return Networks(G, D, {"source_format": "rosinality-pt", "source": path.name}).to(device)
 
 
 def _rosinality_generator(g: dict, path: Path, lr_mlp: float) -> Generator:

@@ -168,7 +168,7 @@ class SynthesisBlock(nn.Module):
         self.register_buffer("resample_filter", make_filter())
         self.num_conv = 1 if in_ch == 0 else 2
 
-    def forward(self, x, img, ws: torch.Tensor, noise_mode: str, force_fp32: bool, taps: list | None):
+    def forward(self, x, img, ws: torch.Tensor, noise_mode: str, force_fp32: bool, taps: list | None, hook=None):
         dtype = torch.float16 if (self.use_fp16 and not force_fp32 and ws.device.type == "cuda") else torch.float32
         w_iter = iter(ws.unbind(1))
         if self.in_ch == 0:
@@ -180,6 +180,8 @@ class SynthesisBlock(nn.Module):
         x = self.conv1(x.to(dtype), next(w_iter), noise_mode)
         if taps is not None:
             taps.append(x)
+        if hook is not None:  # may replace the block's features before toRGB and the next block see them
+            x = hook(self.resolution, x)
         y = self.torgb(x, next(w_iter)).to(torch.float32)
         img = y if img is None else upsample2d(img, self.resample_filter) + y
         return x, img
@@ -206,7 +208,14 @@ class SynthesisNetwork(nn.Module):
             self.tap_channels += [cfg.channels[res]] * n
         self.tap_resolutions = [4] + [r for r in self.block_resolutions[1:] for _ in range(2)]
 
-    def forward(self, ws: torch.Tensor, noise_mode: str = "const", taps: bool = False, force_fp32: bool = False):
+    def forward(
+        self,
+        ws: torch.Tensor,  # (N, num_ws, w_dim) latents, one row per layer
+        noise_mode: str = "const",  # "const" (fixed noise buffers), "random" or "none"
+        taps: bool = False,  # also return every style block's output at its native resolution
+        force_fp32: bool = False,  # no fp16 blocks even on CUDA
+        hook=None,  # hook(resolution, x) -> x after each block's last conv: edits the features (Labels4Free)
+    ):
         assert ws.ndim == 3 and ws.shape[1:] == (self.num_ws, self.w_dim), (
             f"ws must be (N, {self.num_ws}, {self.w_dim}), got {tuple(ws.shape)}"
         )
@@ -216,7 +225,7 @@ class SynthesisNetwork(nn.Module):
         w_idx = 0
         for res in self.block_resolutions:
             block = getattr(self, f"b{res}")
-            x, img = block(x, img, ws[:, w_idx : w_idx + block.num_conv + 1], noise_mode, force_fp32, tap_list)
+            x, img = block(x, img, ws[:, w_idx : w_idx + block.num_conv + 1], noise_mode, force_fp32, tap_list, hook)
             w_idx += block.num_conv
         if taps:
             return img, [t.to(torch.float32) for t in tap_list]
@@ -231,7 +240,6 @@ class Generator(nn.Module):
         self.cfg = cfg or StyleGAN2Config(**kwargs)
         self.mapping = MappingNetwork(self.cfg)
         self.synthesis = SynthesisNetwork(self.cfg)
-        self.discriminator: nn.Module | None = None
 
     z_dim = property(lambda self: self.cfg.z_dim)
     w_dim = property(lambda self: self.cfg.w_dim)

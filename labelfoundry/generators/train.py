@@ -20,6 +20,7 @@ from pydantic import BaseModel, Field
 
 from ..domains import toyfaces
 from ..precision import bf16_autocast_ok
+from ..atomic import atomic_path
 from .discriminator import Discriminator, DiscriminatorConfig
 from .io import save_generator
 from .stylegan2 import Generator, StyleGAN2Config
@@ -116,13 +117,12 @@ def train_generator(
     fixed_z = G.z_from_seeds(list(range(64)), dev)
 
     def save_ckpt() -> None:
-        tmp = ckpt.with_suffix(".tmp")
-        torch.save(
-            {"G": G.state_dict(), "D": D.state_dict(), "G_ema": G_ema.state_dict(), "opt_g": opt_g.state_dict(),
-             "opt_d": opt_d.state_dict(), "step": step, "nimg": nimg, "config": cfg.model_dump_json()},
-            tmp,
-        )
-        os.replace(tmp, ckpt)
+        with atomic_path(ckpt) as tmp:
+            torch.save(
+                {"G": G.state_dict(), "D": D.state_dict(), "G_ema": G_ema.state_dict(), "opt_g": opt_g.state_dict(),
+                 "opt_d": opt_d.state_dict(), "step": step, "nimg": nimg, "config": cfg.model_dump_json()},
+                tmp,
+            )
         save_generator(out / "generator.safetensors", G_ema, D, extra={"kimg": nimg / 1000, "train_config": cfg.model_dump()})
 
     t0, t_last, n_last = time.time(), time.time(), nimg

@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..atomic import atomic_path
+
 
 class InversionConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -52,14 +54,12 @@ class InversionResult:
 
     def save(self, path: str | os.PathLike) -> None:
         """One .pt file with plain tensors/lists (loads with weights_only=True)."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(
-            {"ids": list(self.ids), "ws": self.ws.cpu(), "recon": torch.from_numpy(self.recon),
-             "loss": torch.from_numpy(self.loss), "flagged": torch.from_numpy(self.flagged)},
-            tmp,
-        )
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            torch.save(
+                {"ids": list(self.ids), "ws": self.ws.cpu(), "recon": torch.from_numpy(self.recon),
+                 "loss": torch.from_numpy(self.loss), "flagged": torch.from_numpy(self.flagged)},
+                tmp,
+            )
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "InversionResult":

@@ -47,7 +47,7 @@ from torch import nn
 from ..domains.base import LabeledSample
 from ..features import TapSpec, generate_with_taps
 from ..uncertainty import entropy, image_scores
-from .base import GenBatch, LabelBatch, read_labeler, write_labeler
+from .base import FitData, GenBatch, LabelBatch, read_labeler, write_labeler
 
 FORMAT = "labelfoundry-gradient_matching"
 
@@ -306,30 +306,33 @@ class GradientMatchingLabeler(nn.Module):
     def tap_spec(self) -> TapSpec:
         return TapSpec(self.tap_layers, self.cfg.tap_max_channels, self.cfg.include_rgb)
 
+    @property
+    def schema(self) -> dict:
+        return self.meta["schema"]
+
     # ---------------------------------------------------------------- fitting
     @classmethod
     def fit(
         cls,
         G,
+        data: FitData,
         cfg: GradientMatchingConfig,
         *,
-        labeled: list[LabeledSample] | None,
-        num_classes: int | None,
         device: str | torch.device = "cpu",
         progress: Callable[[dict], None] | None = None,
     ) -> "GradientMatchingLabeler":
         """Alg. 1: alternate annotator (gradient matching) and segmenter (synthetic data) updates.
 
-        `labeled` may have any resolution (resized here to the generator's) and any look.
-        `num_classes` None = max mask id + 1. Deterministic for a fixed `cfg.seed` and device.
+        data.images/masks may have any resolution (resized here to the generator's) and any look;
+        the classes are data.schema's. Deterministic for a fixed `cfg.seed` and device.
         """
         from ..segmenters import SegmenterConfig, build_segmenter
 
-        if labeled is None:
-            raise ValueError("gradient matching needs labeled images (labeled=None)")
+        if data.images is None or data.masks is None:
+            raise ValueError("gradient matching needs labeled images and masks (FitData.images / .masks are None)")
         dev = torch.device(device)
         R = G.resolution
-        real_x, real_y, K = prepare_labeled(labeled, R, num_classes)
+        real_x, real_y, K = prepare_labeled(data.samples(), R, data.num_classes)
         real_x, real_y = real_x.to(dev), real_y.to(dev)
         n = real_x.shape[0]
         tap_layers = block_output_layers(len(G.tap_channels)) if cfg.block_outputs_only else None
@@ -376,7 +379,7 @@ class GradientMatchingLabeler(nn.Module):
                 progress({"step": step + 1, "steps": cfg.steps, "loss": gm.item(), "seg_loss": seg_loss.item(),
                           "seconds": time.time() - t0})
         self.meta.update({"steps": cfg.steps, "final_loss": gm.item(), "num_images": n,
-                          "matched_layers": len(params), "seconds": time.time() - t0})
+                          "matched_layers": len(params), "seconds": time.time() - t0, "schema": data.schema})
         return self.eval()
 
     # ---------------------------------------------------------------- labeling

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..features import FactorizedProjection, TapSpec, gather_taps, generate_with_taps, pixel_grid
 from ..uncertainty import image_scores, js_divergence, member_variance
-from .base import GenBatch, LabelBatch, read_labeler, write_labeler
+from .base import FitData, GenBatch, LabelBatch, read_labeler, write_labeler
 
 Task = Literal["segmentation", "keypoints", "depth"]
 
@@ -99,6 +99,42 @@ def _targets(task: Task, masks=None, keypoints=None, depth=None, depth_valid=Non
     return d.unsqueeze(1), valid
 
 
+def _fit_targets(cfg: HandsOffConfig, data: FitData, R: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(targets (N,C,R,R), pixel weights (N,R,R), outputs K) for the configured task, checked."""
+    num_classes = None
+    if cfg.task == "segmentation":
+        masks, num_classes = data.require("masks", "handsoff (segmentation)"), data.num_classes
+        out = num_classes
+    elif cfg.task == "keypoints":
+        out = int(torch.as_tensor(data.require("keypoints", "handsoff (keypoints)")).shape[1])
+    else:
+        data.require("depth", "handsoff (depth)")
+        out = 1
+    target, weight = _targets(cfg.task, data.masks, data.keypoints, data.depth, data.depth_valid, num_classes,
+                              cfg.keypoint_sigma, R)
+    if target.shape[-2:] != (R, R):
+        raise ValueError(f"labels are {tuple(target.shape[-2:])} but the generator makes {R}x{R} images")
+    if cfg.task == "segmentation":
+        bad = (target < 0) | (target >= num_classes)
+        if bad.any():
+            raise ValueError(f"mask ids outside [0, {num_classes}): {sorted(set(target[bad].long().tolist()))[:10]}")
+        if cfg.class_balanced:
+            counts = torch.bincount(target.long().flatten(), minlength=num_classes).float()
+            inv = 1.0 / counts.clamp(min=1.0)
+            weight = inv[target.long().squeeze(1)] * weight
+    return target, weight, out
+
+
+def _tap_cache(G, ws: torch.Tensor, spec: TapSpec, budget_mb: float) -> list[torch.Tensor] | None:
+    """Every labeled image's taps, computed once, when they fit in `budget_mb`; else None."""
+    n = ws.shape[0]
+    tap_floats = sum(t[0].numel() for t in generate_with_taps(G, ws[:1], spec)[1])
+    if n * tap_floats * 4 / 2**20 > budget_mb:
+        return None
+    chunks = [generate_with_taps(G, ws[i : i + 8], spec)[1] for i in range(0, n, 8)]
+    return [torch.cat([c[j] for c in chunks]) for j in range(len(chunks[0]))]
+
+
 class HandsOffLabeler(nn.Module):
     """Fitted label generator; `label()` turns a generated batch into labels + uncertainty."""
 
@@ -115,78 +151,57 @@ class HandsOffLabeler(nn.Module):
     def tap_spec(self) -> TapSpec:
         return self.cfg.tap_spec
 
+    @property
+    def schema(self) -> dict:
+        return self.meta["schema"]
+
     # ---------------------------------------------------------------- fitting
     @classmethod
     def fit(
         cls,
         G,
-        ws: torch.Tensor,
+        data: FitData,
         cfg: HandsOffConfig,
         *,
-        masks=None,
-        num_classes: int | None = None,
-        keypoints=None,
-        depth=None,
-        depth_valid=None,
         device: str | torch.device = "cpu",
         progress: Callable[[dict], None] | None = None,
         tap_cache_mb: float = 1024.0,
     ) -> "HandsOffLabeler":
-        """Fit on inverted latents `ws` (N, num_ws, w_dim) and their labels at the generator's resolution.
-
-        masks int (N,R,R) for segmentation; keypoints (N,K,3) (x, y, visible) for keypoints;
-        depth (N,R,R) + depth_valid for depth. Taps are regenerated from ws per step unless all of
-        them fit in `tap_cache_mb`, in which case they are computed once.
-        """
+        """Fit on the inverted latents `data.latents` (N, num_ws, w_dim) and their labels at the
+        generator's resolution: data.masks (segmentation, classes from data.schema), data.keypoints
+        (N,K,3), or data.depth + data.depth_valid. Taps are regenerated from ws per step unless all
+        of them fit in `tap_cache_mb`, in which case they are computed once."""
         dev = torch.device(device)
         R = G.resolution
+        ws = data.require("latents", "handsoff")
         n = ws.shape[0]
         if n == 0:
             raise ValueError("HandsOff needs at least one labeled image")
         spec = cfg.tap_spec
         tap_ch = spec.channels(G.tap_channels)
-        if cfg.task == "segmentation":
-            if masks is None or num_classes is None:
-                raise ValueError("segmentation needs masks and num_classes")
-            out = num_classes
-        elif cfg.task == "keypoints":
-            if keypoints is None:
-                raise ValueError("the keypoints task needs keypoints (N, K, 3)")
-            out = int(torch.as_tensor(keypoints).shape[1])
-        else:
-            if depth is None:
-                raise ValueError("the depth task needs depth maps")
-            out = 1
-        target, weight = _targets(cfg.task, masks, keypoints, depth, depth_valid, num_classes, cfg.keypoint_sigma, R)
-        if target.shape[-2:] != (R, R):
-            raise ValueError(f"labels are {tuple(target.shape[-2:])} but the generator makes {R}x{R} images")
-        if cfg.task == "segmentation":
-            bad = (target < 0) | (target >= num_classes)
-            if bad.any():
-                raise ValueError(f"mask ids outside [0, {num_classes}): {sorted(set(target[bad].long().tolist()))[:10]}")
-            if cfg.class_balanced:
-                counts = torch.bincount(target.long().flatten(), minlength=num_classes).float()
-                inv = 1.0 / counts.clamp(min=1.0)
-                weight = inv[target.long().squeeze(1)] * weight
+        target, weight, out = _fit_targets(cfg, data, R)
+        num_classes = data.num_classes if cfg.task == "segmentation" else None
         with torch.random.fork_rng(devices=[]):  # same config -> same initial members
             torch.manual_seed(cfg.seed)
             self = cls(cfg, tap_ch, R, out, meta={"num_classes": num_classes})
         self.to(dev).train()
         G = G.to(dev).eval()
         ws = ws.to(dev)
+        cache = _tap_cache(G, ws, spec, tap_cache_mb)
+        steps, loss = self._train(G, ws, spec, cache, target.to(dev), weight, progress)
+        self.meta.update({"steps": steps, "final_loss": loss, "num_images": n, "schema": data.schema})
+        return self.eval()
 
-        tap_floats = sum(t[0].numel() for t in generate_with_taps(G, ws[:1], spec)[1])
-        cache = None
-        if n * tap_floats * 4 / 2**20 <= tap_cache_mb:
-            cache = [generate_with_taps(G, ws[i : i + 8], spec)[1] for i in range(0, n, 8)]
-            cache = [torch.cat([c[j] for c in cache]) for j in range(len(tap_ch))]
-
+    def _train(self, G, ws, spec: TapSpec, cache, target, weight, progress) -> tuple[int, float]:
+        """The fitting loop: each step draws images, then each member its own pixels, and takes one
+        Adam step on their cross-entropy (segmentation) or MSE. Returns (steps, final loss)."""
+        cfg, n, R, out = self.cfg, ws.shape[0], self.resolution, self.num_outputs
+        dev = ws.device
         total_px = float(weight.gt(0).sum())
         px_per_step = cfg.images_per_step * cfg.pixels_per_image
         steps = max(cfg.min_steps, math.ceil(cfg.epochs * total_px / px_per_step))
         opt = torch.optim.Adam(self.net.parameters(), lr=cfg.lr)
         gen = torch.Generator().manual_seed(cfg.seed)
-        target = target.to(dev)
         M, P = cfg.members, cfg.pixels_per_image
         t0 = time.time()
         for step in range(steps):
@@ -214,8 +229,7 @@ class HandsOffLabeler(nn.Module):
             opt.step()
             if progress is not None and (step % 50 == 0 or step == steps - 1):
                 progress({"step": step + 1, "steps": steps, "loss": loss.item() / M, "seconds": time.time() - t0})
-        self.meta.update({"steps": steps, "final_loss": loss.item() / M, "num_images": n})
-        return self.eval()
+        return steps, loss.item() / M
 
     # ---------------------------------------------------------------- labeling
     @torch.no_grad()

@@ -15,7 +15,7 @@ must fool the GAN's discriminator D. Only the alpha network (and a *copy* of D) 
     L_D     = softplus(D(C)) + softplus(-D(F)) + γ/2 · R1(F) every k steps
 
 The appendix states that D is trained together with the alpha network ("we not only train the
-alpha network but also the discriminator", App. A.1). We train a deep copy of `G.discriminator`
+alpha network but also the discriminator", App. A.1). We train a deep copy of the GAN's D (`FitData.discriminator`)
 (the generator's own D is never modified); "real" images are fresh samples of G, so no dataset is
 needed. Defaults follow the authors' released trainer (Adam 2e-4, betas (0, 0.99), batch 16,
 mask-regulariser weight 1.2, minimum foreground coverage 0.25, R1 γ = 10 every 16 steps).
@@ -47,9 +47,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from ..features import TapSpec, generate_with_taps
-from ..generators.ops import upsample2d
 from ..uncertainty import image_scores
-from .base import GenBatch, LabelBatch, read_labeler, write_labeler
+from .base import FG_BG_SCHEMA, FitData, GenBatch, LabelBatch, read_labeler, write_labeler
 
 FORMAT = "labelfoundry-labels4free"
 
@@ -134,26 +133,16 @@ def suppressed_background(G, ws: torch.Tensor, cut_resolution: int = 4, mode: st
     """Synthesis of ws (N, num_ws, w_dim) with the features of blocks at resolution <= cut_resolution
     zeroed ("zero") or replaced by their per-channel spatial mean ("mean") -> image (N, 3, R, R).
 
-    The suppression happens after each such block's last conv, before its toRGB and the next block.
+    The suppression happens after each such block's last conv, before its toRGB and the next block
+    (the synthesis network's `hook`); float32 throughout.
     """
-    syn = G.synthesis
-    ws = ws.to(torch.float32)
-    x = img = None
-    w_idx = 0
-    for res in syn.block_resolutions:
-        block = getattr(syn, f"b{res}")
-        w_iter = iter(ws[:, w_idx : w_idx + block.num_conv + 1].unbind(1))
-        if block.in_ch == 0:
-            x = block.const.float().unsqueeze(0).repeat(ws.shape[0], 1, 1, 1)
-        else:
-            x = block.conv0(x, next(w_iter), "const")
-        x = block.conv1(x, next(w_iter), "const")
-        if res <= cut_resolution:
-            x = torch.zeros_like(x) if mode == "zero" else x.mean((2, 3), keepdim=True).expand_as(x).contiguous()
-        y = block.torgb(x, next(w_iter)).float()
-        img = y if img is None else upsample2d(img, block.resample_filter) + y
-        w_idx += block.num_conv
-    return img
+
+    def suppress(res: int, x: torch.Tensor) -> torch.Tensor:
+        if res > cut_resolution:
+            return x
+        return torch.zeros_like(x) if mode == "zero" else x.mean((2, 3), keepdim=True).expand_as(x).contiguous()
+
+    return G.synthesis(ws.to(torch.float32), noise_mode="const", force_fp32=True, hook=suppress)
 
 
 def alpha_losses(alpha: torch.Tensor, fake_logits: torch.Tensor, cfg: Labels4FreeConfig) -> dict[str, torch.Tensor]:
@@ -184,27 +173,29 @@ class Labels4FreeLabeler(nn.Module):
     def tap_spec(self) -> TapSpec:
         return self.cfg.tap_spec
 
+    @property
+    def schema(self) -> dict:
+        return self.meta.get("schema", FG_BG_SCHEMA)
+
     # ---------------------------------------------------------------- fitting
     @classmethod
     def fit(
         cls,
         G,
+        data: FitData,
         cfg: Labels4FreeConfig,
         *,
-        labeled=None,
-        num_classes: int | None = None,
         device: str | torch.device = "cpu",
         progress: Callable[[dict], None] | None = None,
         background_generator=None,
     ) -> "Labels4FreeLabeler":
-        """Train the alpha network against (a copy of) `G.discriminator`. Unsupervised: `labeled`
-        and `num_classes` are ignored. `background_generator`: an optional fine-tuned generator
-        whose plain synthesis gives backgrounds (default: G with suppressed coarse features)."""
-        del labeled, num_classes
-        D0 = getattr(G, "discriminator", None)
+        """Train the alpha network against (a copy of) the GAN's discriminator `data.discriminator`;
+        no labels are read. `background_generator`: an optional fine-tuned generator whose plain
+        synthesis gives backgrounds (default: G with suppressed coarse features)."""
+        D0 = data.discriminator
         if D0 is None:
             raise ValueError(
-                "Labels4Free needs the GAN's discriminator, but this generator has none (G.discriminator is None). "
+                "Labels4Free needs the GAN's discriminator, but none came with this generator (FitData.discriminator is None). "
                 "Use a checkpoint that holds D as well (labelfoundry's own format saved with D, or an NVIDIA "
                 "network pickle with 'D'), or pick an unsupervised labeler that needs no D (latent_direction)."
             )
@@ -259,7 +250,7 @@ class Labels4FreeLabeler(nn.Module):
             self.history.append(rec)
             if progress is not None and (step % 50 == 0 or step == cfg.steps - 1):
                 progress({"step": step + 1, "steps": cfg.steps, **rec, "seconds": time.time() - t0})
-        self.meta.update({"steps": cfg.steps, "final": self.history[-1], "seconds": time.time() - t0})
+        self.meta.update({"steps": cfg.steps, "final": self.history[-1], "seconds": time.time() - t0, "schema": FG_BG_SCHEMA})
         return self.eval()
 
     # ---------------------------------------------------------------- labeling

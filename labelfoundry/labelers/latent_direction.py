@@ -27,7 +27,7 @@ Refinement (§3.2.1; thresholds from the authors' released data-generation confi
   3. samples whose shift barely changes the brightness (mean |Δgray| < `min_brightness_change`,
      optionally also the authors' histogram test) are rejected.
 A rejected sample keeps its (refined) mask but gets uncertainty 1 everywhere and `rejected=True`
-on the returned `RefinedLabelBatch`.
+on the returned `LabelBatch` (its image score is then the worst possible; the manifest keeps the flag).
 
 Latent space: the paper used BigBiGAN / BigGAN *z* spaces (D = 120, ε = 2 in z units, App. A.3
 Table 8). Our generators are StyleGAN2, whose W space is the better-behaved one, and the factory
@@ -36,8 +36,8 @@ keep `space="z"` for fidelity (it needs the z latents at labeling time). ε is m
 the latent's per-dimension standard deviation (1 for z; measured from the mapping network for W),
 so ε = 2 means the same relative step in both spaces.
 
-The labeler embeds a frozen copy of the generator (labeling re-synthesises the shifted images), so
-a saved file is self-contained.
+Labeling re-synthesises the shifted images with the batch's generator (`GenBatch.G`); a saved
+file holds the directions and the fingerprint of the generator they were found in, never G.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from contextlib import contextmanager
 from typing import Literal
 
 import kornia
@@ -57,9 +57,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from ..features import TapSpec
-from ..generators.stylegan2 import Generator, StyleGAN2Config
 from ..uncertainty import image_scores
-from .base import GenBatch, LabelBatch, read_labeler, write_labeler
+from .base import FG_BG_SCHEMA, FitData, GenBatch, LabelBatch, batch_generator, generator_fingerprint, read_labeler, write_labeler
 
 FORMAT = "labelfoundry-latent_direction"
 _LUMA = (0.2989, 0.5870, 0.1140)  # ITU-R 601 weights, as in the authors' rgb2gray
@@ -116,18 +115,6 @@ class LatentDirectionConfig(BaseModel):
     @property
     def tap_spec(self) -> TapSpec:
         return TapSpec(layers=())  # labeling re-synthesises; no generator features needed
-
-
-@dataclass
-class RefinedLabelBatch(LabelBatch):
-    """A LabelBatch with the paper's refinement verdict: rejected (N,) bool.
-
-    A rejected sample (mask too large / empty, or the shift barely changed its brightness) keeps
-    its refined mask in `label`, but its uncertainty is 1 at every pixel, so its image score is
-    the worst possible; downstream filtering should drop it (surface `rejected` as a column).
-    """
-
-    rejected: torch.Tensor | None = None
 
 
 # ---------------------------------------------------------------------------- loss terms (Eq. 1)
@@ -251,51 +238,66 @@ def refine(diff: torch.Tensor, cfg: LatentDirectionConfig, light_image: torch.Te
 
 
 # ---------------------------------------------------------------------------- the labeler
+@contextmanager
+def _frozen(G):
+    """G in eval mode with no parameter gradients while the directions are fitted; the caller's
+    requires_grad flags come back afterwards."""
+    flags = [p.requires_grad for p in G.parameters()]
+    try:
+        yield G.eval().requires_grad_(False)
+    finally:
+        for p, f in zip(G.parameters(), flags):
+            p.requires_grad_(f)
+
+
 class LatentDirectionLabeler(nn.Module):
-    """Foreground (1) / background (0) masks from a pair of learned latent directions."""
+    """Foreground (1) / background (0) masks from a pair of learned latent directions of one generator."""
 
     name = "latent_direction"
     num_outputs = 2
 
-    def __init__(self, cfg: LatentDirectionConfig, generator_cfg: StyleGAN2Config, meta: dict | None = None):
+    def __init__(self, cfg: LatentDirectionConfig, dim: int, resolution: int, meta: dict | None = None):
         super().__init__()
         self.cfg = cfg
-        self.G = Generator(StyleGAN2Config.from_json(generator_cfg.to_json())).eval().requires_grad_(False)
-        dim = self.G.z_dim if cfg.space == "z" else self.G.w_dim
-        self.register_buffer("v_light", torch.zeros(dim))
+        self.register_buffer("v_light", torch.zeros(dim))  # unit direction, z_dim (space z) or w_dim (space w)
         self.register_buffer("v_dark", torch.zeros(dim))
-        self.register_buffer("latent_scale", torch.ones(()))
-        self.resolution = self.G.resolution
+        self.register_buffer("latent_scale", torch.ones(()))  # per-dimension std of the latent space
+        self.resolution = int(resolution)
         self.meta = {"num_classes": 2, **dict(meta or {})}
 
     @property
     def tap_spec(self) -> TapSpec:
         return self.cfg.tap_spec
 
+    @property
+    def schema(self) -> dict:
+        return self.meta.get("schema", FG_BG_SCHEMA)
+
     # ---------------------------------------------------------------- shifting
-    def shifted_images(self, latents: torch.Tensor, v: torch.Tensor, eps: float) -> torch.Tensor:
+    def shifted_images(self, G, latents: torch.Tensor, v: torch.Tensor, eps: float) -> torch.Tensor:
         """G(latent + ε·scale·v): latents are ws (N, num_ws, w_dim) for space "w", z (N, z_dim) for "z"."""
         step = eps * self.latent_scale * v
         if self.cfg.space == "w":
             ws = latents + step.view(1, 1, -1)  # the same shift on every W+ row
         else:
-            ws = self.G.mapping(latents + step.view(1, -1), psi=self.cfg.psi)
-        return self.G.synthesis(ws, noise_mode="const")
+            ws = G.mapping(latents + step.view(1, -1), psi=self.cfg.psi)
+        return G.synthesis(ws, noise_mode="const")
 
-    def original_images(self, latents: torch.Tensor) -> torch.Tensor:
-        ws = latents if self.cfg.space == "w" else self.G.mapping(latents, psi=self.cfg.psi)
-        return self.G.synthesis(ws, noise_mode="const")
+    def original_images(self, G, latents: torch.Tensor) -> torch.Tensor:
+        ws = latents if self.cfg.space == "w" else G.mapping(latents, psi=self.cfg.psi)
+        return G.synthesis(ws, noise_mode="const")
 
-    def sample_latents(self, n: int, gen: torch.Generator) -> torch.Tensor:
-        z = torch.randn(n, self.G.z_dim, generator=gen).to(self.latent_scale.device)
+    def sample_latents(self, G, n: int, gen: torch.Generator) -> torch.Tensor:
+        z = torch.randn(n, G.z_dim, generator=gen).to(self.latent_scale.device)
         if self.cfg.space == "z":
             return z
         with torch.no_grad():
-            return self.G.mapping(z, psi=self.cfg.psi)
+            return G.mapping(z, psi=self.cfg.psi)
 
     # ---------------------------------------------------------------- fitting
     def optimize_direction(
         self,
+        G,
         sign: float,
         steps: int,
         gen: torch.Generator,
@@ -318,13 +320,13 @@ class LatentDirectionLabeler(nn.Module):
         t0 = time.time()
         for step in range(steps):
             if latents is None:
-                lat = self.sample_latents(cfg.batch_size, gen)
+                lat = self.sample_latents(G, cfg.batch_size, gen)
             else:
                 idx = torch.randperm(len(latents), generator=gen)[: cfg.batch_size].to(latents.device)
                 lat = latents[idx]
             with torch.no_grad():
-                img = self.original_images(lat)
-            img_s = self.shifted_images(lat, p / p.norm(), cfg.epsilon)
+                img = self.original_images(G, lat)
+            img_s = self.shifted_images(G, lat, p / p.norm(), cfg.epsilon)
             loss, lc, ls = direction_loss(img, img_s, lam, prior)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -338,105 +340,104 @@ class LatentDirectionLabeler(nn.Module):
         return p.detach() / p.detach().norm(), history
 
     @torch.no_grad()
-    def measure_latent_scale(self, gen: torch.Generator) -> float:
+    def measure_latent_scale(self, G, gen: torch.Generator) -> float:
         """Per-dimension std of the latent space: 1 for z; sqrt(mean_d Var[w_d]) of mapped samples for W."""
         if self.cfg.space == "z":
             return 1.0
-        z = torch.randn(self.cfg.scale_samples, self.G.z_dim, generator=gen).to(self.latent_scale.device)
-        w = self.G.mapping(z, psi=self.cfg.psi)[:, 0]
+        z = torch.randn(self.cfg.scale_samples, G.z_dim, generator=gen).to(self.latent_scale.device)
+        w = G.mapping(z, psi=self.cfg.psi)[:, 0]
         return float(w.var(0).mean().sqrt())
 
     @classmethod
     def fit(
         cls,
         G,
+        data: FitData,
         cfg: LatentDirectionConfig,
         *,
-        labeled=None,
-        num_classes: int | None = None,
         device: str | torch.device = "cpu",
         progress: Callable[[dict], None] | None = None,
     ) -> "LatentDirectionLabeler":
-        """Find v_l (λ > 0) and/or v_d (λ < 0) for generator G. Unsupervised: `labeled` and
-        `num_classes` are accepted for interface compatibility and ignored."""
-        del labeled, num_classes
-        self = cls(cfg, G.cfg)
-        state = {k: v for k, v in G.state_dict().items() if not k.startswith("discriminator.")}
-        self.G.load_state_dict(state)
-        self.to(torch.device(device)).eval()
+        """Find v_l (λ > 0) and/or v_d (λ < 0) for generator G. Unsupervised: `data` is unused."""
+        del data
+        dev = torch.device(device)
+        G = G.to(dev)
+        self = cls(cfg, G.z_dim if cfg.space == "z" else G.w_dim, G.resolution, {"generator": generator_fingerprint(G)})
+        self.to(dev).eval()
+        with _frozen(G):
+            self._fit_directions(G, progress)
+        return self
+
+    def _fit_directions(self, G, progress: Callable[[dict], None] | None = None) -> None:
+        cfg = self.cfg
         gen = torch.Generator().manual_seed(cfg.seed)
-        self.latent_scale.fill_(self.measure_latent_scale(gen))
+        self.latent_scale.fill_(self.measure_latent_scale(G, gen))
         t0 = time.time()
         if cfg.directions in ("both", "light"):
-            v, hist = self.optimize_direction(+1.0, cfg.steps, gen, progress=progress, tag="light")
+            v, hist = self.optimize_direction(G, +1.0, cfg.steps, gen, progress=progress, tag="light")
             self.v_light.copy_(v)
             self.meta["final_loss_light"] = hist[-1]
         if cfg.directions in ("both", "dark"):
-            v, hist = self.optimize_direction(-1.0, cfg.steps, gen, progress=progress, tag="dark")
+            v, hist = self.optimize_direction(G, -1.0, cfg.steps, gen, progress=progress, tag="dark")
             self.v_dark.copy_(v)
             self.meta["final_loss_dark"] = hist[-1]
         if cfg.directions == "both":
             self.meta["cos_light_dark"] = float(self.v_light @ self.v_dark)  # App. A.3: close to -1
-        self.meta.update({"steps": cfg.steps, "latent_scale": float(self.latent_scale), "seconds": time.time() - t0})
-        return self
+        self.meta.update({"steps": cfg.steps, "latent_scale": float(self.latent_scale), "seconds": time.time() - t0,
+                          "schema": FG_BG_SCHEMA})
 
     # ---------------------------------------------------------------- labeling
     @torch.no_grad()
-    def label_latents(self, latents: torch.Tensor, image: torch.Tensor | None = None) -> RefinedLabelBatch:
-        """Label from latents (ws for space "w", z for "z"); `image` = G(latents) if already made."""
+    def label_latents(self, G, latents: torch.Tensor, image: torch.Tensor | None = None) -> LabelBatch:
+        """Label from latents (ws for space "w", z for "z") with G; `image` = G(latents) if already made."""
         cfg = self.cfg
         dev = self.latent_scale.device
         lat = latents.to(dev, torch.float32)
         eps = cfg.label_epsilon or cfg.epsilon
         light = dark = None
         if cfg.directions in ("both", "light"):
-            light = self.shifted_images(lat, self.v_light, eps)
+            light = self.shifted_images(G, lat, self.v_light, eps)
         if cfg.directions in ("both", "dark"):
-            dark = self.shifted_images(lat, self.v_dark, eps)
+            dark = self.shifted_images(G, lat, self.v_dark, eps)
         if light is None or dark is None:
-            orig = image.to(dev, torch.float32) if image is not None else self.original_images(lat)
+            orig = image.to(dev, torch.float32) if image is not None else self.original_images(G, lat)
             light = orig if light is None else light
             dark = orig if dark is None else dark
         diff = brightness(light) - brightness(dark)
         mask, unc, rejected = refine(diff, cfg, light_image=light)
         score, top10 = image_scores(unc)
         out_dev = latents.device
-        return RefinedLabelBatch(
+        return LabelBatch(
             label=mask.to(torch.uint8).to(out_dev), uncertainty=unc.float().to(out_dev),
             score=score.to(out_dev), score_top10=top10.to(out_dev), rejected=rejected.to(out_dev),
         )
 
     @torch.no_grad()
-    def label(self, batch: GenBatch) -> RefinedLabelBatch:
-        """Label a generated batch by re-synthesising its ws shifted by ±εv (space "w").
-
-        Space "z" needs the z latents: pass a batch with a `z` attribute, or use `label_latents(z)`.
-        """
+    def label(self, batch: GenBatch) -> LabelBatch:
+        """Label a generated batch by re-synthesising its latents shifted by ±εv with batch.G
+        (ws for space "w"; space "z" needs batch.z)."""
         self.eval()
+        G = batch_generator(batch, self.meta.get("generator"), self.name)
         if self.cfg.space == "z":
-            z = getattr(batch, "z", None)
-            if z is None:
+            if batch.z is None:
                 raise ValueError(
                     "this latent-direction labeler works in z space but the batch carries only ws; "
-                    "refit with space='w', or call label_latents(z) with the batch's z latents"
+                    "refit with space='w', or build the GenBatch with z=<its z latents>"
                 )
-            return self.label_latents(z, batch.image)
-        return self.label_latents(batch.ws, batch.image)
+            return self.label_latents(G, batch.z, batch.image)
+        return self.label_latents(G, batch.ws, batch.image)
 
     # ---------------------------------------------------------------- persistence
     def save(self, path: str | os.PathLike) -> None:
-        """safetensors (directions + the embedded generator) + JSON config; written atomically."""
-        write_labeler(path, self, FORMAT, { "config": self.cfg.model_dump_json(),
-            "generator": json.dumps(self.G.cfg.to_json()), "resolution": str(self.resolution),
+        """safetensors (the directions; G is named by its fingerprint in meta) + JSON config."""
+        write_labeler(path, self, FORMAT, { "config": self.cfg.model_dump_json(), "resolution": str(self.resolution),
             "num_outputs": str(self.num_outputs), "meta": json.dumps(self.meta),
         })
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "LatentDirectionLabeler":
         meta, state = read_labeler(path, FORMAT)
-        self = cls(
-            LatentDirectionConfig.model_validate_json(meta["config"]),
-            StyleGAN2Config.from_json(json.loads(meta["generator"])), json.loads(meta["meta"]),
-        )
+        self = cls(LatentDirectionConfig.model_validate_json(meta["config"]), state["v_light"].numel(),
+                   int(meta["resolution"]), json.loads(meta["meta"]))
         self.load_state_dict(state)
         return self.to(device).eval()

@@ -20,8 +20,9 @@ called uncertain; if every cluster has one label the nearest other cluster is us
 (`margin="cluster"` always does that).
 
 The n style latents are drawn once in `fit` (seeded) and stored, and every image's K-means uses
-the same seed, so an image's label depends only on its ws, not on batching. The labeler keeps
-its own copy of the generator (saved in its file) because `label` must render the variants.
+the same seed, so an image's label depends only on its ws, not on batching. `label` renders the
+variants with the batch's generator (`GenBatch.G`); the file stores only the style latents and
+the fingerprint of the generator they were drawn from, and refuses a batch from another one.
 """
 
 from __future__ import annotations
@@ -38,10 +39,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from ..domains.base import LabeledSample
 from ..features import TapSpec
 from ..uncertainty import image_scores
-from .base import GenBatch, LabelBatch, read_labeler, write_labeler
+from .base import FG_BG_SCHEMA, FitData, GenBatch, LabelBatch, batch_generator, generator_fingerprint, read_labeler, write_labeler
 
 FORMAT = "labelfoundry-stylemix"
 PAPER_NUM_WS, PAPER_CUTOFF = 18, 8  # 1024² StyleGAN2 (18 ws), mixing cutoff c = 8 (§3.1, Fig. 2)
@@ -202,34 +202,23 @@ class StyleMixClusters:
 # ---------------------------------------------------------------------------- labeler
 
 
-def _copy_generator(G):
-    """A standalone copy of G's mapping + synthesis (no discriminator), frozen."""
-    from ..generators.stylegan2 import Generator, StyleGAN2Config
-
-    g = Generator(StyleGAN2Config.from_json(G.cfg.to_json()))
-    state = {k: v for k, v in G.state_dict().items() if not k.startswith("discriminator.")}
-    g.load_state_dict(state)
-    return g.requires_grad_(False).eval()
-
-
 class StyleMixLabeler(nn.Module):
     """Binary foreground labels from style-mix clustering; needs no labeled data."""
 
     name = "stylemix"
+    num_outputs = 2
 
-    def __init__(self, cfg: StyleMixConfig, G, style_ws: torch.Tensor, meta: dict | None = None):
+    def __init__(self, cfg: StyleMixConfig, style_ws: torch.Tensor, resolution: int, meta: dict | None = None):
         super().__init__()
         self.cfg = cfg
-        self.G = G
-        self.register_buffer("style_ws", style_ws.detach().float().clone())
-        self.resolution = int(G.resolution)
-        self.num_ws = int(G.num_ws)
+        self.register_buffer("style_ws", style_ws.detach().float().clone())  # (n, num_ws, w_dim)
+        self.resolution = int(resolution)
+        self.num_ws = int(style_ws.shape[1])
         self.cutoff = int(cfg.cutoff) if cfg.cutoff is not None else default_cutoff(self.num_ws)
         if not 1 <= self.cutoff < self.num_ws:
             raise ValueError(f"cutoff must be in [1, {self.num_ws - 1}] for {self.num_ws} ws, got {self.cutoff}")
-        if style_ws.shape != (cfg.n_styles, self.num_ws, G.w_dim):
-            raise ValueError(f"style_ws must be {(cfg.n_styles, self.num_ws, G.w_dim)}, got {tuple(style_ws.shape)}")
-        self.num_outputs = 2
+        if style_ws.ndim != 3 or style_ws.shape[0] != cfg.n_styles:
+            raise ValueError(f"style_ws must be ({cfg.n_styles}, num_ws, w_dim), got {tuple(style_ws.shape)}")
         self.meta = dict(meta or {})
         self.meta.setdefault("cutoff", self.cutoff)
         self.meta.setdefault("class_names", ["background", "foreground"])
@@ -239,38 +228,39 @@ class StyleMixLabeler(nn.Module):
         """No generator features are needed: only batch.ws (an empty tap selection)."""
         return TapSpec(layers=())
 
+    @property
+    def schema(self) -> dict:
+        return self.meta.get("schema", FG_BG_SCHEMA)
+
     # ---------------------------------------------------------------- fitting
     @classmethod
     def fit(
         cls,
         G,
+        data: FitData,
         cfg: StyleMixConfig,
         *,
-        labeled: list[LabeledSample] | None = None,
-        num_classes: int | None = None,
         device: str | torch.device = "cpu",
         progress: Callable[[dict], None] | None = None,
     ) -> "StyleMixLabeler":
-        """No training: copy G, resolve the cutoff and draw the n style latents (seeded).
-
-        `labeled` is ignored; `num_classes`, if given, must be 2 (background / foreground).
-        """
-        if num_classes is not None and num_classes != 2:
-            raise ValueError(f"stylemix labels background/foreground: num_classes must be 2, got {num_classes}")
+        """No training: resolve the cutoff and draw the n style latents (seeded). `data` is unused
+        (unsupervised); the labeler records G's fingerprint, not its weights."""
+        del data
         dev = torch.device(device)
-        g = _copy_generator(G).to(dev)
-        z = torch.randn(cfg.n_styles, g.z_dim, generator=torch.Generator().manual_seed(cfg.seed)).to(dev)
+        G = G.to(dev).eval()
+        z = torch.randn(cfg.n_styles, G.z_dim, generator=torch.Generator().manual_seed(cfg.seed)).to(dev)
         with torch.no_grad():
-            style_ws = g.mapping(z, psi=cfg.style_psi)
-        self = cls(cfg, g, style_ws).to(dev).eval()
+            style_ws = G.mapping(z, psi=cfg.style_psi)
+        self = cls(cfg, style_ws, G.resolution, {"generator": generator_fingerprint(G)}).to(dev).eval()
+        self.meta["schema"] = FG_BG_SCHEMA
         if progress is not None:
             progress({"step": 1, "steps": 1, "cutoff": self.cutoff})
         return self
 
     # ---------------------------------------------------------------- clustering
     @torch.no_grad()
-    def summaries(self, ws: torch.Tensor) -> torch.Tensor:
-        """Style summary tensors (N, R, R, 3n) of latents ws (N, num_ws, w_dim)."""
+    def summaries(self, G, ws: torch.Tensor) -> torch.Tensor:
+        """Style summary tensors (N, R, R, 3n) of latents ws (N, num_ws, w_dim), rendered by G."""
         import kornia
 
         dev = self.style_ws.device
@@ -282,7 +272,7 @@ class StyleMixLabeler(nn.Module):
         mixed = mixed.reshape(-1, self.num_ws, ws.shape[-1])  # image-major: (N*n, num_ws, w_dim)
         out = []
         for i in range(0, mixed.shape[0], self.cfg.render_batch):
-            img = (self.G.synthesis(mixed[i : i + self.cfg.render_batch], noise_mode="const").float().clamp(-1, 1) + 1) / 2
+            img = (G.synthesis(mixed[i : i + self.cfg.render_batch], noise_mode="const").float().clamp(-1, 1) + 1) / 2
             out.append(kornia.color.rgb_to_lab(img) if self.cfg.color_space == "lab" else img)
         x = torch.cat(out).reshape(ws.shape[0], n, 3, R, R)
         return x.permute(0, 3, 4, 1, 2).reshape(ws.shape[0], R, R, 3 * n)
@@ -294,13 +284,12 @@ class StyleMixLabeler(nn.Module):
         return saliency_foreground(clusters, cfg.k, cfg.saliency_sigma, cfg.saliency_threshold)
 
     @torch.no_grad()
-    def cluster(self, ws: torch.Tensor | GenBatch) -> StyleMixClusters:
+    def cluster(self, G, ws: torch.Tensor) -> StyleMixClusters:
         """Raw K-means cluster maps, centroid distances and foreground flags (for inspection)."""
-        ws = ws.ws if isinstance(ws, GenBatch) else ws
         per = max(1, self.cfg.render_batch // self.cfg.n_styles)  # images per summary chunk
         cl, di, fg = [], [], []
         for i in range(0, ws.shape[0], per):
-            for s in self.summaries(ws[i : i + per]):
+            for s in self.summaries(G, ws[i : i + per]):
                 c, d = cluster_summary(s, self.cfg.k, self.cfg.niter, self.cfg.seed, self.cfg.normalize, self.cfg.faiss_threads)
                 cl.append(c)
                 di.append(d)
@@ -310,7 +299,7 @@ class StyleMixLabeler(nn.Module):
     @torch.no_grad()
     def label(self, batch: GenBatch) -> LabelBatch:
         """Binary fg/bg labels (uint8, 1 = foreground) from batch.ws; uncertainty in [0, 1]."""
-        res = self.cluster(batch.ws)
+        res = self.cluster(batch_generator(batch, self.meta.get("generator"), self.name), batch.ws)
         label = torch.gather(res.foreground, 1, res.clusters.flatten(1)).reshape(res.clusters.shape).to(torch.uint8)
         unc = torch.stack([margin_uncertainty(d, f, self.cfg.margin) for d, f in zip(res.distances, res.foreground)])
         unc = unc.float()
@@ -319,18 +308,15 @@ class StyleMixLabeler(nn.Module):
 
     # ---------------------------------------------------------------- persistence
     def save(self, path: str | os.PathLike) -> None:
-        """safetensors (generator copy + style latents) + JSON config; written atomically."""
-        write_labeler(path, self, FORMAT, { "config": self.cfg.model_dump_json(),
-            "generator_config": json.dumps(self.G.cfg.to_json()), "resolution": str(self.resolution),
+        """safetensors (the style latents only; G is named by its fingerprint in meta) + JSON config."""
+        write_labeler(path, self, FORMAT, { "config": self.cfg.model_dump_json(), "resolution": str(self.resolution),
             "num_outputs": str(self.num_outputs), "meta": json.dumps(self.meta),
         })
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "StyleMixLabeler":
-        from ..generators.stylegan2 import Generator, StyleGAN2Config
-
         meta, state = read_labeler(path, FORMAT)
-        G = Generator(StyleGAN2Config.from_json(json.loads(meta["generator_config"]))).requires_grad_(False).eval()
-        self = cls(StyleMixConfig.model_validate_json(meta["config"]), G, state["style_ws"], json.loads(meta["meta"]))
+        self = cls(StyleMixConfig.model_validate_json(meta["config"]), state["style_ws"], int(meta["resolution"]),
+                   json.loads(meta["meta"]))
         self.load_state_dict(state)
         return self.to(device).eval()

@@ -8,12 +8,13 @@ generator, numpy's MT19937 and Python's ``random``), so resuming reproduces the 
 
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from ..atomic import atomic_path
 
 _PREFIX, _SUFFIX = "ckpt_", ".pt"
 
@@ -75,12 +76,9 @@ def restore_rng(state: dict, aug_generator: torch.Generator) -> None:
 
 def save_checkpoint(path: Path, state: dict) -> Path:
     """Write ``state`` atomically (temp file + rename) and return ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-    return path
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+    return Path(path)
 
 
 def load_checkpoint(path: Path, map_location: torch.device | str = "cpu") -> dict:
