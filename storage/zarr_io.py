@@ -92,3 +92,17 @@ def open_arrays(root: Root, layout: Layout, *, writable: bool) -> dict[str, Any]
             ) from exc
         arrays[name] = array.with_config(config) if config else array
     return arrays
+
+
+ZARRS_PIPELINE = "zarrs.ZarrsCodecPipeline"
+
+
+def open_arrays_with_pipeline(root: Root, layout: Layout, codec_pipeline: str) -> dict[str, Any]:
+    """Read-only arrays decoded by another codec pipeline (e.g. :data:`ZARRS_PIPELINE`).
+
+    zarr builds an array's codec pipeline when the array object is created,
+    so the pipeline is set only while opening: the arrays keep it, and every
+    other array in the process (writers included) keeps zarr's default.
+    """
+    with zarr.config.set({"codec_pipeline.path": codec_pipeline}):
+        return open_arrays(root, layout, writable=False)
