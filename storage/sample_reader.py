@@ -16,7 +16,7 @@ import numpy as np
 from .errors import CorruptShardError, MissingChunkError, ShardIndexError
 from .fsio import Root
 from .layout import Layout, manifest_part_key
-from .read_backends import open_tensorstore_arrays, resolve_backend
+from .read_backends import mark_started, open_tensorstore_arrays, resolve_backend
 from .zarr_io import ZARRS_PIPELINE, open_arrays, open_arrays_with_pipeline
 
 # zarr backends read a shard-sized run [min id, max id] and drop the rows not
@@ -60,6 +60,7 @@ class SampleReader:
             if self.backend == "tensorstore":
                 self._arrays = open_tensorstore_arrays(self.root, self.layout)
             elif self.backend == "zarrs":
+                mark_started("zarrs")
                 self._arrays = open_arrays_with_pipeline(self.root, self.layout, ZARRS_PIPELINE)
             else:
                 self._arrays = open_arrays(self.root, self.layout, writable=False)

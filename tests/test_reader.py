@@ -203,3 +203,18 @@ def test_backend_choice_and_errors(tmp_path):
     for name in FAST:
         with pytest.raises(ValueError, match="local directories only.*backend='zarr'"):
             resolve_backend(name, memory)
+
+
+def test_forked_process_falls_back_from_a_backend_started_before_fork(tmp_path, monkeypatch):
+    """tensorstore aborts and zarrs hangs in a child forked after they ran: such children read with zarr."""
+    import os
+
+    from storage import read_backends
+
+    local = resolve(str(tmp_path))
+    for name in FAST:  # as if the parent process had used every fast backend before forking us
+        monkeypatch.setitem(read_backends._STARTED_IN, name, os.getpid() + 1)
+    assert resolve_backend("auto", local) == "zarr"
+    for name in FAST:
+        with pytest.raises(RuntimeError, match="multiprocessing_context='spawn'"):
+            resolve_backend(name, local)
