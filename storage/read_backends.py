@@ -1,12 +1,12 @@
 """Which library decodes the shards when reading: zarr-python, zarrs, or tensorstore.
 
 The on-disk format is plain Zarr v3 either way; the backends differ only in
-decode speed. Measured on the demo layout (64², 64 samples per shard, one
-thread, ``python bench/read_throughput.py``): whole-shard reads run ~5x
-faster with the zarrs codec pipeline and ~8x with tensorstore than with
-zarr-python, and single samples ~20x faster with tensorstore. zarr-python
-stays the default for writing and the fallback for reading (fsspec URLs,
-nothing extra installed).
+decode speed. Measured on the demo layout (64², 64 samples per shard,
+``python bench/read_throughput.py --compare``): a block-shuffled epoch costs
+~6x less CPU per sample with the zarrs codec pipeline and ~8x less with
+tensorstore than with zarr-python; single samples read ~5-10x faster with
+tensorstore. zarr-python stays the writer and the fallback reader (fsspec
+URLs, nothing extra installed).
 
 - ``zarr``: zarr-python's own codec pipeline (always available).
 - ``zarrs``: zarr-python with the Rust ``zarrs`` codec pipeline (local disk).
