@@ -188,9 +188,9 @@ def test_fast_backend_reads_byte_identical_arrays(dataset, backend):
     assert all(torch.equal(p["image"], q["image"]) and torch.equal(p["uncertainty"], q["uncertainty"])
                for p, q in zip(x, y))
     mapped = opened.dataset(backend=backend)
-    batch = mapped.__getitems__([5, 0, 9])
-    assert [i["sample_id"] for i in batch] == [5, 0, 9]
-    assert torch.equal(batch[0]["label"], mapped[5]["label"])
+    batch = mapped.__getitems__([5, 0, 9, 5])  # samplers with replacement repeat ids (oversampling)
+    assert [i["sample_id"] for i in batch] == [5, 0, 9, 5]
+    assert torch.equal(batch[0]["label"], mapped[5]["label"]) and torch.equal(batch[3]["image"], batch[0]["image"])
 
 
 def test_backend_choice_and_errors(tmp_path):
