@@ -110,7 +110,7 @@ def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]
 
 def _ids_digest(sample_ids: np.ndarray) -> str:
     """Short hash of the selected ids: a resume must select the same samples."""
-    return hashlib.sha256(np.ascontiguousarray(sample_ids, dtype=np.int64).tobytes()).hexdigest()[:16]
+    return hashlib.sha256(np.sort(np.asarray(sample_ids, dtype=np.int64)).tobytes()).hexdigest()[:16]
 
 
 class ShardIterableDataset(IterableDataset):
@@ -118,7 +118,8 @@ class ShardIterableDataset(IterableDataset):
 
     The order is fixed by (seed, epoch) alone (:func:`storage.shuffle.epoch_order`);
     call :meth:`set_epoch` each epoch (as with DistributedSampler; with
-    ``persistent_workers=True`` the workers keep the epoch they were started with).
+    ``persistent_workers=True`` the workers keep the epoch and resume state they
+    were started with).
     Each process reads its samples as shard-sized runs, a buffer of shards at a time.
 
     ``batch_size`` must equal the DataLoader's: samples are dealt to ranks
