@@ -5,6 +5,8 @@
 - ``read_sps_random``: map-style ``dataset[i]`` at random i, one sample per call.
 - ``cpu_ms_per_1k_shuffled``: CPU time (all threads) per 1,000 samples of that
   epoch; unlike the rates it does not drop when other jobs share the cores.
+- ``read_sps_loader`` (with ``--workers N``): the same stream through a
+  DataLoader (batch 64, N spawned persistent workers), second pass timed.
 - ``open_s``: the first item of each (importing the backend, opening the arrays),
   kept out of both rates: a training job pays it once.
 
@@ -92,6 +94,21 @@ def read_throughput(
     }
 
 
+def loader_throughput(dataset_path: str, workers: int, *, backend: str = "auto", batch_size: int = 64) -> float:
+    """Samples/s of a DataLoader over the shuffled stream; the first pass starts the workers."""
+    from torch.utils.data import DataLoader
+
+    stream = storage.open_dataset(dataset_path, filter=None).iterable(batch_size=batch_size, backend=backend)
+    loader = DataLoader(
+        stream, batch_size=batch_size, num_workers=workers, multiprocessing_context="spawn", persistent_workers=True,
+    )
+    for _ in loader:
+        pass
+    t0 = time.perf_counter()
+    count = sum(len(batch["sample_id"]) for batch in loader)
+    return round(count / (time.perf_counter() - t0), 1)
+
+
 def in_fresh_process(dataset_path: str, backend: str, random_reads: int) -> dict[str, float]:
     """:func:`read_throughput` run by this script in a new interpreter."""
     out = subprocess.run(
@@ -111,6 +128,7 @@ def main() -> None:
     parser.add_argument("--backend", default="auto", choices=list(storage.read_backends.BACKENDS))
     parser.add_argument("--compare", action="store_true", help="also measure every installed backend")
     parser.add_argument("--random-reads", type=int, default=500)
+    parser.add_argument("--workers", type=int, default=0, help="also time a DataLoader with this many workers")
     args = parser.parse_args()
     if not (args.dataset or args.make):
         parser.error("give a DATASET, or --make DIR to build one")
@@ -128,6 +146,9 @@ def main() -> None:
         result["by_backend"] = by_backend
     chosen = storage.read_backends.resolve_backend(args.backend, storage.fsio.resolve(path))
     result.update({"backend": chosen, **read_throughput(path, backend=args.backend, random_reads=args.random_reads)})
+    if args.workers:
+        result["read_sps_loader"] = loader_throughput(path, args.workers, backend=args.backend)
+        result["loader_workers"] = args.workers
     result["cpu_count"] = os.cpu_count()
     print(json.dumps(result))
 

@@ -218,3 +218,16 @@ def test_forked_process_falls_back_from_a_backend_started_before_fork(tmp_path, 
     for name in FAST:
         with pytest.raises(RuntimeError, match="multiprocessing_context='spawn'"):
             resolve_backend(name, local)
+
+
+def test_read_throughput_bench_reports_both_rates(dataset):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "read_throughput.py"
+    spec = importlib.util.spec_from_file_location("bench_read_throughput", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = bench.read_throughput(dataset, backend="zarr", random_reads=5)
+    assert result["read_sps_shuffled"] > 0 and result["read_sps_random"] > 0
+    assert result["cpu_ms_per_1k_shuffled"] > 0
