@@ -39,13 +39,16 @@ def smooth(rng: np.random.Generator, shape: tuple[int, ...], cutoff: float = 4.0
     return out / (out.std(axis=(1, 2), keepdims=True) + 1e-6)
 
 
-def make_shard(n: int, seed: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+def make_shard(
+    n: int, seed: int, *, num_classes: int = len(CLASSES), w_dim: int = W_DIM
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """One shard of synthetic samples at 64² (bench/read_throughput.py uses the demo's sizes)."""
     rng = np.random.default_rng(seed)
     image = np.clip(128 + 50 * smooth(rng, (n, H, W, 3)), 0, 255).astype(np.uint8)
-    label = smooth(rng, (n, H, W, len(CLASSES))).argmax(-1).astype(np.uint8)
+    label = smooth(rng, (n, H, W, num_classes)).argmax(-1).astype(np.uint8)
     uncertainty = (1 / (1 + np.exp(-2 * smooth(rng, (n, H, W, 1))[..., 0]))).astype(np.float16)
     # StyleGAN2 w+ without style mixing: one w vector broadcast over num_ws.
-    w = np.repeat(rng.standard_normal((n, 1, W_DIM)).astype(np.float32), NUM_WS, axis=1)
+    w = np.repeat(rng.standard_normal((n, 1, w_dim)).astype(np.float32), NUM_WS, axis=1)
     rows = {"seed": rng.integers(0, 2**31, n), "score": rng.random(n), "score_top10": rng.random(n)}
     return {"image": image, "label": label, "uncertainty": uncertainty, "w": w}, rows
 

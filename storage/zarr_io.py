@@ -122,3 +122,17 @@ def read_rows(root: Root, layout: Layout, name: str, sample_ids: Any) -> Any:
         raise KeyError(f"{root.describe(DATA_DIR)} has no array {name!r} (has {sorted(layout.arrays)})")
     array = open_arrays(root, layout, writable=False)[name]
     return np.asarray(array.oindex[np.asarray(sample_ids, dtype=np.int64)])
+
+
+ZARRS_PIPELINE = "zarrs.ZarrsCodecPipeline"
+
+
+def open_arrays_with_pipeline(root: Root, layout: Layout, codec_pipeline: str) -> dict[str, Any]:
+    """Read-only arrays decoded by another codec pipeline (e.g. :data:`ZARRS_PIPELINE`).
+
+    zarr builds an array's codec pipeline when the array object is created,
+    so the pipeline is set only while opening: the arrays keep it, and every
+    other array in the process (writers included) keeps zarr's default.
+    """
+    with zarr.config.set({"codec_pipeline.path": codec_pipeline}):
+        return open_arrays(root, layout, writable=False)

@@ -300,19 +300,21 @@ def test_missing_chunk_raises_instead_of_zeros(url):
 # -------------------------------------------------------------------- reader
 def test_partition_covers_every_sample_exactly_once():
     pytest.importorskip("torch")
-    from storage.reader import epoch_order, partition
+    from storage.shuffle import epoch_order, partition
 
     ids = np.arange(3, 40, 3)
     for world in (1, 2, 3):
         for workers in (1, 2, 3):
-            order = epoch_order(ids, shuffle=True, seed=7, epoch=1)
-            parts = [partition(order, rank=r, world_size=world, worker=w, num_workers=workers, drop_last=False)
-                     for r in range(world) for w in range(workers)]
-            seen = np.concatenate(parts)
-            assert sorted(seen.tolist()) == ids.tolist()
-    a = epoch_order(ids, shuffle=True, seed=7, epoch=1)
-    assert a.tolist() == epoch_order(ids, shuffle=True, seed=7, epoch=1).tolist()
-    assert a.tolist() != epoch_order(ids, shuffle=True, seed=7, epoch=2).tolist()
+            for batch in (1, 2):
+                order = epoch_order(ids, samples_per_shard=4, shuffle="py1b", seed=7, epoch=1)
+                parts = [partition(order, rank=r, world_size=world, worker=w, num_workers=workers,
+                                   batch_size=batch, drop_last=False)
+                         for r in range(world) for w in range(workers)]
+                seen = np.concatenate(parts)
+                assert sorted(seen.tolist()) == ids.tolist()
+    a = epoch_order(ids, samples_per_shard=4, seed=7, epoch=1)
+    assert a.tolist() == epoch_order(ids, samples_per_shard=4, seed=7, epoch=1).tolist()
+    assert a.tolist() != epoch_order(ids, samples_per_shard=4, seed=7, epoch=2).tolist()
     even = [len(partition(a, rank=r, world_size=5, worker=0, num_workers=1, drop_last=True)) for r in range(5)]
     assert len(set(even)) == 1
 
