@@ -240,8 +240,8 @@ class HandsOffLabeler(nn.Module):
         head = {
             "w2": (net.w2 * s2[..., None]).transpose(1, 2).to(dtype).contiguous(),  # (M, H1, H2)
             "b2": ((net.b2 - net.bn2.running_mean.view(M, net.h2)) * s2 + net.bn2.bias.view(M, net.h2)).unsqueeze(1).to(dtype),
-            "w3": net.w3.transpose(1, 2).to(dtype).contiguous(),  # (M, H2, K)
-            "b3": net.b3.unsqueeze(1).to(dtype),  # (M, 1, K)
+            "w3": net.w3.to(dtype).contiguous(),  # (M, K, H2)
+            "b3": net.b3.unsqueeze(-1).to(dtype),  # (M, K, 1)
         }
         return proj, head
 
@@ -265,14 +265,15 @@ class HandsOffLabeler(nn.Module):
             for y0, y1, h in proj.image(taps, i):
                 h = h.relu_().view(-1, M, H1).transpose(0, 1)  # (M, P, H1): a strided view, no copy
                 h = torch.baddbmm(w["b2"], h, w["w2"]).relu_()  # (M, P, H2)
-                out = torch.baddbmm(w["b3"], h, w["w3"]).float().transpose(0, 1)  # (P, M, K)
+                # (M, K, P): pixels innermost, so softmax and the member/class reductions vectorise
+                out = torch.baddbmm(w["b3"], w["w3"], h.transpose(1, 2)).float()
                 if seg:
-                    probs = out.softmax(-1)
-                    label[i, y0:y1] = probs.mean(1).argmax(-1).view(y1 - y0, R).to(torch.uint8)
-                    unc[i, y0:y1] = js_divergence(probs).view(y1 - y0, R)
+                    probs = out.softmax(1)
+                    label[i, y0:y1] = probs.mean(0).argmax(0).view(y1 - y0, R).to(torch.uint8)
+                    unc[i, y0:y1] = js_divergence(probs.permute(2, 0, 1)).view(y1 - y0, R)  # (P, M, K) view
                 else:
-                    label[i, :, y0:y1] = out.mean(1).t().reshape(K, y1 - y0, R)
-                    unc[i, y0:y1] = member_variance(out).view(y1 - y0, R)
+                    label[i, :, y0:y1] = out.mean(0).view(K, y1 - y0, R)
+                    unc[i, y0:y1] = member_variance(out.permute(2, 0, 1)).view(y1 - y0, R)
         score, top10 = image_scores(unc)
         return LabelBatch(label=label, uncertainty=unc, score=score, score_top10=top10)
 
