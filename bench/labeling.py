@@ -4,7 +4,7 @@
     python bench/labeling.py                         # 256^2, batch 2, warm-up + 3 timed runs
     python bench/labeling.py --res 512               # the full run (batch 1)
     python bench/labeling.py --device cuda           # same, on a GPU
-    python bench/labeling.py --quick --threads 1 --phases ours_v2,ours_v2_bf16,naive
+    python bench/labeling.py --quick --threads 1 --phases ours,ours_bf16,naive
 
 --quick takes ~45 s on 2 idle cores; most of it is `ours` and `naive` (~14 s each per image,
 single-threaded), each phase being a fresh process (startup, setup, tiny warm-up: a few s each).
@@ -27,14 +27,17 @@ Phases, each timed on the same batch of ws:
            BatchNorm1d, ReLU, Linear H2->K) over all pixels at once (DatasetGAN / HandsOff code),
            then softmax, mean over members, argmax and JS divergence. The weights are copied from
            the HandsOffLabeler's EnsembleMLP, so it computes the same function as ours.
-  ours     HandsOffLabeler.label(GenBatch) as shipped (labelfoundry/labelers/handsoff.py).
-  ours_v2  PROTOTYPE, benchmark-only (class OursV2 below): the change proposed for handsoff.py /
-           features.py; same function, different evaluation order and layout (see its docstring).
-  ours_v2_bf16  (not run by default) ours_v2 with bf16 layers: NOT exact (fails the agreement bar
-           below); there to measure what reduced precision would buy.
+  ours     HandsOffLabeler.label(GenBatch) as shipped (labelfoundry/labelers/handsoff.py, its first
+           layer in labelfoundry/features.py:TiledProjection), fp32.
+  ours_bf16  the same call under bf16 autocast, as the generation stage runs it when
+           labelfoundry.precision says bf16 pays (run by default where it does): the three layers in
+           bf16 with fp32 accumulation, softmax/JS in fp32. The taps are the fp32 generator's (so the
+           agreement below is the labeler's alone); the phase also times the generator under the same
+           autocast (gen_bf16_ms), the figure its labeling time is held against.
 
-Agreement: label maps of naive, ours and ours_v2 must agree (argmax equal on >= 99.9% of pixels,
-JS divergence within 1e-3 nats per pixel); the benchmark fails otherwise.
+Agreement: label maps of naive and ours must agree (argmax equal on >= 99.9% of pixels, JS
+divergence within 1e-3 nats per pixel); ours_bf16 within the reduced-precision bar (argmax equal
+on >= 99% of pixels, JS within 0.02 nats per pixel); the benchmark fails otherwise.
 
 Time: each phase runs `warmup` untimed repetitions and then `reps` timed ones (--quick: no
 warm-up, the single run is timed); *_ms are medians, *_min_ms minima (on a shared machine the
@@ -62,7 +65,7 @@ mem_ratio = naive_peak_mb / ours_peak_mb, mem_ratio_total likewise with *_total_
 
 Threads: torch's default unless --threads. On a CPU shared with other busy processes use
 --threads 1: with 2 OpenMP threads on 2 contended cores every parallel op waits for a
-descheduled thread (measured here: generator 0.3 s -> 2.2 s, ours_v2 1.8 s -> 13 s per image).
+descheduled thread (measured here: generator 0.3 s -> 2.2 s, labeling 1.8 s -> 13 s per image).
 
 The LAST line of stdout is one JSON object (see `summarize`). Timings on a shared machine are
 noisy: run it a few times and take medians.
@@ -93,12 +96,14 @@ from labelfoundry.features import TapSpec, generate_with_taps, pixel_grid, sampl
 from labelfoundry.generators.stylegan2 import Generator, StyleGAN2Config  # noqa: E402
 from labelfoundry.labelers.base import GenBatch  # noqa: E402
 from labelfoundry.labelers.handsoff import HandsOffConfig, HandsOffLabeler  # noqa: E402
+from labelfoundry.precision import bf16_autocast_ok  # noqa: E402
 from labelfoundry.uncertainty import entropy, js_divergence  # noqa: E402
 
-PHASES = ("ours", "ours_v2", "naive")
-EXTRA_PHASES = ("ours_v2_bf16",)
+PHASES = ("ours", "ours_bf16", "naive")
 AGREE_MIN = 0.999  # fraction of pixels whose argmax must agree
 JS_ATOL = 1e-3  # nats, per pixel
+AGREE_MIN_BF16 = 0.99  # the reduced-precision bar (ours_bf16)
+JS_ATOL_BF16 = 0.02
 
 
 @dataclass
@@ -114,8 +119,6 @@ class BenchConfig:
     hidden: tuple[int, int] = (256, 32)
     classes: int = 8
     tile_pixels: int = HandsOffConfig().tile_pixels  # ours: the shipped default
-    v2_tile_rows: int = 0  # ours_v2: output rows per tile (0 = auto)
-    v2_chunk_px: int = 512  # ours_v2: low-res rows are projected this many pixels at a time
     seed: int = 0
     device: str = "cpu"
     warmup: int = 1
@@ -245,213 +248,6 @@ def naive_label(members: list[nn.Sequential], taps: list[torch.Tensor], resoluti
     return label, js
 
 
-# ----------------------------------------------------------------------------- ours_v2 (prototype)
-
-
-def _interp_1d(out_size: int, in_size: int):
-    """F.interpolate(bilinear, align_corners=False) along one axis: (i0, i1, lam) per output index."""
-    x = torch.arange(out_size, dtype=torch.float64)
-    src = ((x + 0.5) * (in_size / out_size) - 0.5).clamp(min=0.0)
-    i0 = src.floor().long().clamp(max=in_size - 1)
-    i1 = (i0 + 1).clamp(max=in_size - 1)
-    return i0, i1, src - i0
-
-
-class OursV2:
-    """PROTOTYPE of the proposed labeling path (benchmark only; same function as HandsOffLabeler.label).
-
-    Differences from the shipped `label()`:
-      1. No full-image projected maps. The shipped code first projects every tap group to
-         M*H1 = 2560 channels at its native resolution for the whole batch; for the full-resolution
-         taps (128 channels at 256^2) that map is 20x larger than the taps themselves (1.3 GB for two
-         256^2 images, as large as the naive hypercolumn, and transiently 3x that because the two
-         taps of a resolution are summed out of place). Here the full-resolution group is
-         projected tile by tile (one addmm straight into the tile buffer) and each low-resolution
-         group a chunk of its rows at a time as the tiles move down the image (a rolling band in a
-         fixed buffer: every low-res row is projected exactly once, memory bounded).
-      2. Exact separable upsampling instead of grid_sample (same i0/i1/lambda as F.interpolate):
-         vertical: one small matmul (T, band rows) @ (band rows, r*2560) per group and tile;
-         horizontal: groups with r <= 16 together in one batched matmul with the (R, sum r)
-         interpolation matrix; larger r: the tile viewed as (T, r, f, 2560) (f = R/r) gets 4
-         broadcast addcmul_ (left/right half of each output block, two neighbours each).
-         Channels-last, so every elementwise op runs over contiguous 2560-float vectors.
-         (The shipped path spends most of its time in grid_sample and in summing its
-         non-contiguous (N, P, 2560) outputs.)
-      3. Eval BatchNorm folded into the linear layers (W1, b1 and w2, b2): two passes fewer.
-      4. Head in (M, channels, pixels) layout: layers 2/3 are batched GEMMs that read the tile
-         through a transposed view; softmax/entropy run over K with the pixels contiguous.
-      5. One image at a time, tiles of ~1k pixels on CPU (whole images on GPU): peak memory
-         independent of the batch size.
-    `dtype=torch.bfloat16` runs the three layers in bf16 (softmax/JS in fp32): not exact, shown
-    separately (ours_v2_bf16) to measure what reduced precision buys on CPUs with bf16 GEMMs.
-    """
-
-    def __init__(
-        self, labeler: HandsOffLabeler, tile_rows: int = 0, chunk_px: int = 512, small_r: int = 16,
-        dtype=torch.float32, tap_resolutions: list[int] | None = None,
-    ):
-        net = labeler.net
-        self.M, self.H1, self.H2, self.K = net.members, net.h1, net.h2, net.out
-        self.R = labeler.resolution
-        self.tap_channels = list(labeler.tap_channels)
-        self.chunk_px, self.small_r, self.dtype = chunk_px, small_r, dtype
-        dev = net.proj.weight.device
-        if tile_rows <= 0:
-            tile_rows = max(1, (1024 if dev.type == "cpu" else 65536) // self.R)
-        self.tile_rows = min(tile_rows, self.R)
-        with torch.no_grad():
-            s1 = net.bn1.weight / torch.sqrt(net.bn1.running_var + net.bn1.eps)
-            self.w1 = net.proj.weight * s1[:, None]  # (M*H1, C)
-            self.b1 = (net.proj.bias * s1 + net.bn1.bias - net.bn1.running_mean * s1).to(dtype)
-            s2 = (net.bn2.weight / torch.sqrt(net.bn2.running_var + net.bn2.eps)).view(self.M, self.H2)
-            t2 = net.bn2.bias.view(self.M, self.H2) - net.bn2.running_mean.view(self.M, self.H2) * s2
-            self.w2 = (net.w2 * s2[..., None]).to(dtype).contiguous()  # (M, H2, H1)
-            self.b2 = (net.b2 * s2 + t2).unsqueeze(-1).to(dtype)  # (M, H2, 1)
-            self.w3 = net.w3.to(dtype).contiguous()  # (M, K, H2)
-            self.b3 = net.b3.unsqueeze(-1).to(dtype)  # (M, K, 1)
-        self._plan_key = None
-        if tap_resolutions is not None:  # plan (and lay out the weights) now, not in the first call
-            self._plan([torch.empty(0, c, r, r, device=dev) for c, r in zip(self.tap_channels, tap_resolutions)])
-
-    def _plan(self, taps: list[torch.Tensor]):
-        """Tap groups by resolution, interpolation tables, buffers (depend on shapes only; cached)."""
-        key = tuple((t.shape[1], t.shape[-1], t.device) for t in taps)
-        if key == self._plan_key:
-            return
-        if [t.shape[1] for t in taps] != self.tap_channels:
-            raise ValueError("tap channels do not match the labeler")
-        R, T, MH, dev, dt = self.R, self.tile_rows, self.M * self.H1, self.w1.device, self.dtype
-        w_taps = self.w1.split(self.tap_channels, dim=1)
-        by_res: dict[int, list[int]] = {}
-        for i, t in enumerate(taps):
-            by_res.setdefault(t.shape[-1], []).append(i)
-        self.groups = {}
-        for r, idx in sorted(by_res.items()):
-            g = {"idx": idx, "wt": torch.cat([w_taps[i] for i in idx], dim=1).t().to(dt).contiguous()}  # (C_g, MH)
-            g["cg"] = g["wt"].shape[0]
-            if r != R:
-                f = R // r
-                if f * r != R or f % 2:
-                    raise ValueError(f"tap resolution {r} does not divide {R} by a power of two")
-                i0, i1, lam = _interp_1d(R, r)
-                tiles = []
-                for y0 in range(0, R, T):
-                    y1 = min(R, y0 + T)
-                    lo, hi = int(i0[y0]), int(i1[y1 - 1])
-                    ay = torch.zeros(y1 - y0, hi - lo + 1, dtype=torch.float64)
-                    rows = torch.arange(y1 - y0)
-                    ay.index_put_((rows, i0[y0:y1] - lo), 1 - lam[y0:y1], accumulate=True)
-                    ay.index_put_((rows, i1[y0:y1] - lo), lam[y0:y1], accumulate=True)
-                    tiles.append((lo, hi, ay.to(dt).to(dev)))
-                g["tiles"] = tiles
-                g["small"] = r <= self.small_r
-                if not g["small"]:
-                    c = torch.tensor([(k + 0.5) / f - 0.5 for k in range(f)], dtype=torch.float64)
-                    h = f // 2
-                    view = lambda x: x.to(dt).view(1, 1, h, 1).to(dev)  # noqa: E731
-                    g["w"] = (view(-c[:h]), view(1 + c[:h]), view(1 - c[h:]), view(c[h:]))
-                g["chunk"] = max(1, min(r, self.chunk_px // r))
-                g["cap"] = g["chunk"] + T // f + 3
-                g["band_r"] = r
-            self.groups[r] = g
-        small = [r for r, g in self.groups.items() if r != R and g["small"]]
-        self.ax_small = None
-        if small:
-            mats = []
-            for r in small:
-                i0, i1, lam = _interp_1d(R, r)
-                a = torch.zeros(R, r, dtype=torch.float64)
-                a.index_put_((torch.arange(R), i0), 1 - lam, accumulate=True)
-                a.index_put_((torch.arange(R), i1), lam, accumulate=True)
-                mats.append(a)
-            self.ax_small = torch.cat(mats, dim=1).to(dt).to(dev)  # (R, sum r)
-        self._plan_key = key
-
-    def _rows(self, taps, idx, n, a, b):
-        """Channels of the taps `idx` of image n, rows a..b-1, as (C_g, rows*width)."""
-        xs = [taps[i][n, :, a:b, :].reshape(taps[i].shape[1], -1) for i in idx]
-        x = xs[0] if len(xs) == 1 else torch.cat(xs, dim=0)
-        return x.to(self.dtype)
-
-    def _band(self, g, taps, n: int, r: int, lo: int, hi: int) -> torch.Tensor:
-        """Projected rows lo..hi of group g for image n, (hi-lo+1, r, MH), from the rolling band."""
-        a, cnt = g["a"], g["cnt"]
-        if lo < a or lo > a + cnt:  # first use for this image: start afresh
-            a, cnt = lo, 0
-        if hi >= a + cnt:
-            start = a + cnt
-            end = min(r, max(hi + 1, start + g["chunk"]))
-            if end - a > g["cap"]:  # move the rows still needed to the front of the buffer
-                keep = start - lo
-                if keep:
-                    g["band"][:keep].copy_(g["band"][lo - a : lo - a + keep].clone())
-                a = lo
-            dst = g["band"][start - a : end - a].view(-1, g["band"].shape[-1])
-            torch.mm(self._rows(taps, g["idx"], n, start, end).t(), g["wt"], out=dst)
-            cnt = end - a
-        g["a"], g["cnt"] = a, cnt
-        return g["band"][lo - a : hi - a + 1]
-
-    @torch.no_grad()
-    def label(self, batch: GenBatch):
-        taps = batch.taps
-        self._plan(taps)
-        R, M, MH, T = self.R, self.M, self.M * self.H1, self.tile_rows
-        n_img, dev = taps[0].shape[0], taps[0].device
-        label = torch.empty(n_img, R * R, dtype=torch.uint8, device=dev)
-        unc = torch.empty(n_img, R * R, device=dev)
-        full = self.groups.get(R)
-        low = [(r, g) for r, g in self.groups.items() if r != R]
-        buf = torch.empty(T * R, MH, device=dev, dtype=self.dtype)  # the tile; freed on return
-        for _, g in low:
-            g["band"] = torch.empty(g["cap"], g["band_r"], MH, device=dev, dtype=self.dtype)
-        for n in range(n_img):
-            for _, g in low:
-                g["a"], g["cnt"] = 0, 0
-            for ti, y0 in enumerate(range(0, R, T)):
-                y1 = min(R, y0 + T)
-                t_rows, P = y1 - y0, (y1 - y0) * R
-                out = buf[:P]
-                if full is not None:  # full-resolution taps: projected straight into the tile
-                    torch.addmm(self.b1, self._rows(taps, full["idx"], n, y0, y1).t(), full["wt"], out=out)
-                else:
-                    out.copy_(self.b1.expand(P, -1))
-                out3 = out.view(t_rows, R, MH)
-                zs_small = []
-                for r, g in low:
-                    lo, hi, ay = g["tiles"][ti]
-                    band = self._band(g, taps, n, r, lo, hi)
-                    z = torch.mm(ay, band.reshape(band.shape[0], -1)).view(t_rows, r, MH)  # vertical
-                    if g["small"]:
-                        zs_small.append(z)
-                        continue
-                    # Output column x = f*j + k. Left half of a block (k < f/2) lerps source
-                    # columns j-1, j; right half j, j+1. At the image border both neighbours clamp
-                    # to the same column and the weights sum to 1.
-                    h = R // r // 2
-                    wm, wcl, wch, wp = g["w"]
-                    out4 = out.view(t_rows, r, R // r, MH)
-                    zl, zr = z[:, :-1, None], z[:, 1:, None]  # columns j, j+1 for j < r-1
-                    out4[:, 1:, :h].addcmul_(zl, wm).addcmul_(zr, wcl)
-                    out4[:, :-1, h:].addcmul_(zl, wch).addcmul_(zr, wp)
-                    out4[:, 0, :h] += z[:, 0, None]
-                    out4[:, -1, h:] += z[:, -1, None]
-                    del z, zl, zr
-                if zs_small:  # all small groups at once: (R, sum r) @ (sum r, MH) per row
-                    zc = torch.cat(zs_small, dim=1) if len(zs_small) > 1 else zs_small[0]
-                    out3.baddbmm_(self.ax_small.expand(t_rows, -1, -1), zc)
-                    del zc, zs_small
-                hT = out.relu_().view(P, M, self.H1).permute(1, 2, 0)  # (M, H1, P) view
-                h2 = torch.baddbmm(self.b2, self.w2, hT).relu_()  # (M, H2, P)
-                probs = torch.baddbmm(self.b3, self.w3, h2).float().softmax(1)  # (M, K, P)
-                mean = probs.mean(0)  # (K, P)
-                label[n, y0 * R : y1 * R] = mean.argmax(0).to(torch.uint8)
-                unc[n, y0 * R : y1 * R] = (entropy(mean, dim=0) - entropy(probs, dim=1).mean(0)).clamp(min=0.0)
-        for _, g in low:
-            g["band"] = None
-        return label.view(n_img, R, R), unc.view(n_img, R, R)
-
-
 # ----------------------------------------------------------------------------- measurement
 
 
@@ -549,10 +345,12 @@ def make_label_fn(phase: str, labeler: HandsOffLabeler, cfg: BenchConfig, G=None
             out = labeler.label(batch)
             return out.label, out.uncertainty
         return fn
-    if phase in ("ours_v2", "ours_v2_bf16"):
-        dtype = torch.bfloat16 if phase.endswith("bf16") else torch.float32
-        res = selected_resolutions(G, labeler.tap_spec) if G is not None else None
-        return OursV2(labeler, tile_rows=cfg.v2_tile_rows, chunk_px=cfg.v2_chunk_px, dtype=dtype, tap_resolutions=res).label
+    if phase == "ours_bf16":
+        def fn_bf16(batch):
+            with torch.autocast(torch.device(cfg.device).type, dtype=torch.bfloat16):
+                out = labeler.label(batch)
+            return out.label, out.uncertainty
+        return fn_bf16
     if phase == "naive":
         members = naive_members(labeler)
         return lambda batch: naive_label(members, batch.taps, labeler.resolution)
@@ -619,12 +417,24 @@ def run_phase(phase: str, cfg: BenchConfig, G=None, labeler=None, ws=None, save:
         if i >= max(0, cfg.warmup - 1):
             gen_ms.append((t1 - t0) * 1e3)
             label_ms.append((t2 - t1) * 1e3)
+    gen_bf16_ms = []
+    if phase == "ours_bf16":  # the generator under the same autocast: what this labeling is held against
+        for i in range(max(1, cfg.warmup) + cfg.reps):
+            _sync(dev)
+            t0 = time.perf_counter()
+            with torch.autocast(dev.type, dtype=torch.bfloat16):
+                out = generate(G, labeler, ws)
+            _sync(dev)
+            del out
+            if i >= max(1, cfg.warmup):
+                gen_bf16_ms.append((time.perf_counter() - t0) * 1e3)
     if save:
         torch.save({"label": result_label, "js": result_js}, save)
     totals = [g + l for g, l in zip(gen_ms, label_ms)]
     return {
         "phase": phase,
         "gen_ms": gen_ms,
+        "gen_bf16_ms": gen_bf16_ms,
         "label_ms": label_ms,
         "total_ms": totals,
         "gen_peak_mb": gen_peak,
@@ -651,13 +461,6 @@ def tap_info(cfg: BenchConfig) -> tuple[list[int], list[int]]:
     c = StyleGAN2Config(resolution=cfg.res, channel_base=cfg.channel_base, channel_max=cfg.channel_max)
     res = [4] + [r for r in c.block_resolutions[1:] for _ in range(2)]
     return [c.channels[r] for r in res], res
-
-
-def selected_resolutions(G, spec: TapSpec) -> list[int]:
-    """Native resolutions of the taps `spec` selects (what OursV2 plans for)."""
-    res = G.tap_resolutions
-    out = [res[i] for i in (range(len(res)) if spec.layers is None else spec.layers)]
-    return out + ([G.resolution] if spec.include_rgb else [])
 
 
 def gflop_per_image(cfg: BenchConfig) -> dict[str, float]:
@@ -690,7 +493,7 @@ def _med(xs: list[float]) -> float:
 
 
 def _sfx(phase: str) -> str:
-    """Key suffix of an ours* phase: ours -> '', ours_v2 -> '_v2', ours_v2_bf16 -> '_v2_bf16'."""
+    """Key suffix of an ours* phase: ours -> '', ours_bf16 -> '_bf16'."""
     return phase[len("ours"):]
 
 
@@ -738,20 +541,26 @@ def summarize(cfg: BenchConfig, results: dict[str, dict], agree: dict[str, dict]
             out[f"mem_ratio_total{sfx}"] = round(out["naive_total_peak_mb"] / max(out[f"{ph}_total_peak_mb"], 1e-3), 2)
     for ph in ours_phases:
         out[f"ours_minus_gen_over_gen{_sfx(ph)}"] = round(out[f"{ph}_ms"] / gen_ms, 3)
+    gen_bf16 = [x for r in results.values() for x in r.get("gen_bf16_ms", [])]
+    if gen_bf16 and "ours_bf16" in results:  # bf16 labeling against the bf16 generator
+        out["gen_bf16_ms"] = round(_med(gen_bf16), 1)
+        out["ours_bf16_over_gen_bf16"] = round(out["ours_bf16_ms"] / out["gen_bf16_ms"], 3)
     for k, v in agree.items():
         out[f"agree_{k}"] = round(v["argmax_agree"], 6)
         out[f"js_max_abs_diff_{k}"] = float(f"{v['js_max_abs_diff']:.3g}")
     if agree:
         out["js_mean"] = float(f"{next(iter(agree.values()))['js_mean']:.4g}")
-    targets_speed = 10.0 if cfg.res <= 256 else 20.0
-    out["targets"] = {"speedup_min": targets_speed, "mem_ratio_min": 20.0, "ours_minus_gen_over_gen_max": 1.0}
+    # fp32 vs fp32: 70% of the FLOP bound (7x at 256^2); memory 20x; the bf16 labeling no slower
+    # than the generator's forward (against the bf16 generator where measured, else the fp32 one)
+    bound = out["gflop_per_image"]["speedup_bound"]
+    targets_speed = 7.0 if cfg.res <= 256 else round(0.7 * bound, 1)
+    out["targets"] = {"speedup_min": targets_speed, "mem_ratio_min": 20.0, "bf16_label_over_gen_max": 1.0}
     met = {}
-    for sfx in map(_sfx, ours_phases):
-        if f"speedup{sfx}" in out:
-            met[f"speedup{sfx}"] = out[f"speedup{sfx}"] >= targets_speed
-            met[f"mem_ratio{sfx}"] = out[f"mem_ratio{sfx}"] >= 20.0
-        if f"ours_minus_gen_over_gen{sfx}" in out:
-            met[f"ours_minus_gen_over_gen{sfx}"] = out[f"ours_minus_gen_over_gen{sfx}"] <= 1.0
+    if "speedup" in out:
+        met["speedup"] = out["speedup"] >= targets_speed
+        met["mem_ratio"] = out["mem_ratio"] >= 20.0
+    if "ours_bf16" in results:
+        met["bf16_label_over_gen"] = out.get("ours_bf16_over_gen_bf16", out["ours_minus_gen_over_gen_bf16"]) <= 1.0
     out["targets_met"] = met
     return out
 
@@ -770,13 +579,12 @@ def _device_name(device: str) -> str:
 
 
 def check_agreement(agree: dict[str, dict]) -> list[str]:
-    """Failures of the exact paths (EXTRA_PHASES are reduced precision: reported, not enforced)."""
+    """Failures of the agreement bars (the exact one, or the reduced-precision one for *_bf16)."""
     bad = []
     for k, v in agree.items():
-        if k.replace("_vs_naive", "") in EXTRA_PHASES:
-            continue
-        if v["argmax_agree"] < AGREE_MIN or v["js_max_abs_diff"] > JS_ATOL:
-            bad.append(f"{k}: argmax agree {v['argmax_agree']:.6f} (min {AGREE_MIN}), JS max diff {v['js_max_abs_diff']:.3g} (max {JS_ATOL})")
+        lo, tol = (AGREE_MIN_BF16, JS_ATOL_BF16) if "bf16" in k else (AGREE_MIN, JS_ATOL)
+        if v["argmax_agree"] < lo or v["js_max_abs_diff"] > tol:
+            bad.append(f"{k}: argmax agree {v['argmax_agree']:.6f} (min {lo}), JS max diff {v['js_max_abs_diff']:.3g} (max {tol})")
     return bad
 
 
@@ -813,8 +621,8 @@ def run_all(cfg: BenchConfig, phases=PHASES, in_process: bool = False, log=print
         for ph in outputs:
             if ph.startswith("ours"):
                 agree[f"{ph}_vs_naive"] = agreement(outputs["naive"], outputs[ph])
-    elif "ours" in outputs and "ours_v2" in outputs:
-        agree["ours_v2_vs_ours"] = agreement(outputs["ours"], outputs["ours_v2"])
+    elif "ours" in outputs and "ours_bf16" in outputs:
+        agree["ours_bf16_vs_ours"] = agreement(outputs["ours"], outputs["ours_bf16"])
     summary = summarize(cfg, results, agree)
     summary["agreement_failures"] = check_agreement(agree)
     return summary
@@ -834,11 +642,10 @@ def main(argv=None) -> int:
     p.add_argument("--members", type=int, default=10)
     p.add_argument("--classes", type=int, default=8)
     p.add_argument("--tile-pixels", type=int, default=HandsOffConfig().tile_pixels)
-    p.add_argument("--v2-tile-rows", type=int, default=0)
-    p.add_argument("--v2-chunk-px", type=int, default=512)
-    p.add_argument("--phases", default=",".join(PHASES), help="comma-separated, from " + ",".join(PHASES + EXTRA_PHASES))
+    p.add_argument("--phases", default=None, help="comma-separated, from " + ",".join(PHASES)
+                   + " (default: all; ours_bf16 only where bf16 pays on the device)")
     p.add_argument("--in-process", action="store_true", help="all phases in this process (memory numbers less reliable)")
-    p.add_argument("--phase", choices=PHASES + EXTRA_PHASES, help=argparse.SUPPRESS)
+    p.add_argument("--phase", choices=PHASES, help=argparse.SUPPRESS)
     p.add_argument("--save", help=argparse.SUPPRESS)
     p.add_argument("--state", help=argparse.SUPPRESS)
     p.add_argument("--config-json", help=argparse.SUPPRESS)
@@ -857,12 +664,15 @@ def main(argv=None) -> int:
         res=res,
         batch=a.batch or (1 if a.quick else 2 if res <= 256 else 1),
         channel_base=a.channel_base, channel_max=a.channel_max, members=a.members, classes=a.classes,
-        tile_pixels=a.tile_pixels, v2_tile_rows=a.v2_tile_rows, v2_chunk_px=a.v2_chunk_px,
+        tile_pixels=a.tile_pixels,
         device=a.device, threads=a.threads,
         warmup=a.warmup if a.warmup is not None else (0 if a.quick else 1),
         reps=a.reps if a.reps is not None else (1 if a.quick else 3),
     )
-    phases = [x for x in a.phases.split(",") if x]
+    if a.phases is None:
+        phases = [ph for ph in PHASES if ph != "ours_bf16" or bf16_autocast_ok(a.device)]
+    else:
+        phases = [x for x in a.phases.split(",") if x]
     t0 = time.time()
     summary = run_all(cfg, phases, in_process=a.in_process, log=lambda s: print(s, flush=True))
     summary["bench_wall_s"] = round(time.time() - t0, 1)

@@ -117,6 +117,11 @@ class GenerateSection(_Strict):
     psi: float = Field(1.0, description="truncation; 1.0 = none")
     store_w: bool = True
     compression_level: int = 3
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "fp32", description="generator + labeler compute precision; auto = bf16 where the device runs it natively "
+        "(CUDA, CPUs with AVX512-BF16/AMX), else fp32. Softmax and uncertainty are fp32 either way. HandsOff "
+        "is checked against fp32 in bf16 (tests/test_handsoff.py); the other labelers are not yet, hence fp32 by default"
+    )
 
 
 class FilterSection(_Strict):

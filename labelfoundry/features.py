@@ -8,15 +8,16 @@ We apply each W_l (a 1x1 conv, all ensemble members stacked) at the tap's native
 only then upsample the small hidden-width maps, so the full-resolution hypercolumn is never built.
 
 Upsampling is fixed to bilinear with align_corners=False (== F.interpolate's). While fitting, the
-taps are sampled (grid_sample) at a random pixel subset and then projected; at labeling time each
-resolution is projected on the source rows of one output tile and upsampled exactly by separable
-interpolation, so peak memory is bounded by the tile at any resolution. Same function in both.
+taps are sampled (grid_sample) at a random pixel subset and then projected; at labeling time
+(`TiledProjection`) every row of each resolution is projected once, a band at a time, and
+upsampled exactly by separable interpolation into one output row tile, so peak memory is bounded
+by the tile at any resolution. Same function in both.
 """
 
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -93,52 +94,6 @@ class FactorizedProjection(nn.Module):
         bound = 1.0 / c_total**0.5
         nn.init.uniform_(self.bias, -bound, bound)
 
-    def tile(
-        self, taps: list[torch.Tensor], n: int, y0: int, y1: int, out_res: int,
-        weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """First-layer pre-activations of output rows [y0, y1) of image n: (M*H, y1-y0, R).
-
-        Each resolution's taps are projected only on the source rows this tile reads, then
-        upsampled exactly (bilinear, align_corners=False): vertically by a small interpolation
-        matmul, horizontally by 1-D linear interpolation. `weight`/`bias` override the layer's own
-        (the labeler passes them with BatchNorm folded in).
-        """
-        w = self.weight if weight is None else weight
-        b = self.bias if bias is None else bias
-        if [t.shape[1] for t in taps] != self.tap_channels:
-            raise ValueError(f"tap channels {[t.shape[1] for t in taps]} do not match the labeler's {self.tap_channels}")
-        t_rows, mh = y1 - y0, w.shape[0]
-        out = b.reshape(mh, 1, 1).expand(mh, t_rows, out_res).clone()
-        w_taps = w.split(self.tap_channels, dim=1)
-        by_res: dict[int, list[int]] = {}
-        for i, t in enumerate(taps):
-            by_res.setdefault(t.shape[-1], []).append(i)
-        small_z, small_a = [], []
-        for r, idx in by_res.items():
-            w_g = torch.cat([w_taps[i] for i in idx], dim=1) if len(idx) > 1 else w_taps[idx[0]]
-            if r == out_res:
-                x = torch.cat([taps[i][n, :, y0:y1] for i in idx]) if len(idx) > 1 else taps[idx[0]][n, :, y0:y1]
-                out += (w_g @ x.reshape(x.shape[0], -1)).view(mh, t_rows, out_res)
-                continue
-            i0, i1, lam = _interp_index(out_res, r, w.device)
-            lo, hi = int(i0[y0]), int(i1[y1 - 1])
-            x = torch.cat([taps[i][n, :, lo : hi + 1] for i in idx]) if len(idx) > 1 else taps[idx[0]][n, :, lo : hi + 1]
-            band = (w_g @ x.reshape(x.shape[0], -1)).view(mh, hi - lo + 1, r)
-            ay = _interp_matrix(out_res, r, w.device)[y0:y1, lo : hi + 1]
-            z = torch.einsum("tb,cbr->ctr", ay, band)  # vertical
-            if r <= _SMALL_RES:  # horizontal for all small resolutions at once, below
-                small_z.append(z)
-                small_a.append(_interp_matrix(out_res, r, w.device))
-                continue
-            out += F.interpolate(z.reshape(1, mh * t_rows, r), size=out_res, mode="linear", align_corners=False).view(
-                mh, t_rows, out_res
-            )
-        if small_z:  # one (rows, sum r) @ (sum r, R) product writes the output once for all of them
-            z = torch.cat(small_z, dim=-1).reshape(mh * t_rows, -1)
-            out += (z @ torch.cat(small_a, dim=1).t()).view(mh, t_rows, out_res)
-        return out
-
     def project_features(self, feats: torch.Tensor) -> torch.Tensor:
         """First layer on features already gathered per member: (N, M, P, C_total) -> (N, M, P, H).
 
@@ -155,36 +110,171 @@ def gather_taps(taps: list[torch.Tensor], grid: torch.Tensor) -> torch.Tensor:
     return torch.cat([sample_bilinear(t, grid) for t in taps], dim=-1)
 
 
-@functools.lru_cache(maxsize=64)
-def _interp_index_cpu(out_size: int, in_size: int):
+def interp_1d(out_size: int, in_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """F.interpolate's source indices i0, i1 and weight of i1 along one axis (bilinear,
+    align_corners=False, border-clamped), float64 weights."""
     x = torch.arange(out_size, dtype=torch.float64)
     src = ((x + 0.5) * (in_size / out_size) - 0.5).clamp(min=0.0)
     i0 = src.floor().long().clamp(max=in_size - 1)
-    return i0, (i0 + 1).clamp(max=in_size - 1), (src - i0).float()
+    return i0, (i0 + 1).clamp(max=in_size - 1), src - i0
 
 
-_SMALL_RES = 16  # below this, an interpolation matmul beats upsample_linear1d on CPU (measured)
-
-
-@functools.lru_cache(maxsize=64)
-def _interp_matrix_cpu(out_size: int, in_size: int) -> torch.Tensor:
-    i0, i1, lam = _interp_index_cpu(out_size, in_size)
-    a = torch.zeros(out_size, in_size)
+def interp_matrix(out_size: int, in_size: int) -> torch.Tensor:
+    """(out, in) float64 matrix of 1-D bilinear interpolation, align_corners=False (rows sum to 1)."""
+    i0, i1, lam = interp_1d(out_size, in_size)
+    a = torch.zeros(out_size, in_size, dtype=torch.float64)
     rows = torch.arange(out_size)
     a.index_put_((rows, i0), 1 - lam, accumulate=True)
     a.index_put_((rows, i1), lam, accumulate=True)
     return a
 
 
-def _interp_matrix(out_size: int, in_size: int, device) -> torch.Tensor:
-    """(out, in) matrix of 1-D bilinear interpolation, align_corners=False (rows sum to 1)."""
-    return _interp_matrix_cpu(out_size, in_size).to(device)
+@dataclass
+class _Group:
+    """Taps of one resolution: their stacked weight slice (C_g, MH) and how they are upsampled."""
+
+    idx: list[int]
+    res: int
+    wt: torch.Tensor
+    ay: list[tuple[int, int, torch.Tensor]] = field(default_factory=list)  # per tile: lo, hi, (T, hi-lo+1)
+    small: bool = False
+    lerp: tuple[torch.Tensor, ...] = ()  # large groups: horizontal weights, see TiledProjection.image
+    chunk: int = 1  # low-res rows projected per step of the rolling band
+    cap: int = 0  # rows the band holds
 
 
-def _interp_index(out_size: int, in_size: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """F.interpolate's source indices and weights (bilinear, align_corners=False) along one axis."""
-    return tuple(t.to(device) for t in _interp_index_cpu(out_size, in_size))
+class TiledProjection:
+    """The factorized first layer over whole images, one row tile at a time, as a few large GEMMs.
 
+    Built once per labeling call from the (BN-folded) weight (MH, C_total), bias (MH), the taps'
+    channels and native resolutions, in the compute dtype (bf16 where it pays, see
+    `labelfoundry.precision`; the GEMMs accumulate in fp32 inside). Per image:
+      - full-resolution taps are projected straight into the tile buffer (one addmm, bias fused);
+      - each lower resolution keeps a rolling band of projected rows: as the tiles move down the
+        image, its next rows are projected a chunk at a time (one GEMM over a few thousand pixels),
+        so every low-resolution row is projected exactly once and memory stays bounded;
+      - exact separable bilinear upsampling (align_corners=False, the same i0/i1/lambda as
+        F.interpolate): vertically one small matmul per group and tile; horizontally, all groups
+        of resolution <= small_res in one batched matmul with the (R, sum r) interpolation matrix,
+        larger ones by four broadcast lerps over the channels-last tile.
+    The tile is channels-last (P, MH), so the head reads each member's slice as a strided GEMM
+    operand without a copy. Same ops on CPU and CUDA; only the tile size differs.
+    """
+
+    def __init__(
+        self, weight: torch.Tensor, bias: torch.Tensor, tap_channels: list[int], tap_resolutions: list[int],
+        out_res: int, *, tile_rows: int, dtype: torch.dtype = torch.float32, chunk_px: int = 256, small_res: int = 16,
+    ):
+        if len(tap_channels) != len(tap_resolutions) or sum(tap_channels) != weight.shape[1]:
+            raise ValueError(f"taps {list(zip(tap_channels, tap_resolutions))} do not match a weight of {weight.shape[1]} inputs")
+        weight, bias, dev = weight.detach(), bias.detach(), weight.device
+        R = out_res
+        T = max(1, min(tile_rows, R))
+        self.R, self.T, self.dtype, self.mh = R, T, dtype, weight.shape[0]
+        self.tap_channels, self.tap_resolutions = list(tap_channels), list(tap_resolutions)
+        self.bias = bias.to(dtype)
+        w_taps = weight.split(self.tap_channels, dim=1)
+        by_res: dict[int, list[int]] = {}
+        for i, r in enumerate(self.tap_resolutions):
+            by_res.setdefault(r, []).append(i)
+        self.full: _Group | None = None
+        self.low: list[_Group] = []
+        for r, idx in sorted(by_res.items()):
+            g = _Group(idx, r, torch.cat([w_taps[i] for i in idx], dim=1).t().to(dtype).contiguous())
+            if r == R:
+                self.full = g
+                continue
+            f = R // r
+            if r > R or f * r != R or f % 2:
+                raise ValueError(f"tap resolution {r} must divide the output resolution {R} by an even factor")
+            i0, i1, lam = interp_1d(R, r)
+            for y0 in range(0, R, T):
+                y1 = min(R, y0 + T)
+                lo, hi = int(i0[y0]), int(i1[y1 - 1])
+                ay = torch.zeros(y1 - y0, hi - lo + 1, dtype=torch.float64)
+                rows = torch.arange(y1 - y0)
+                ay.index_put_((rows, i0[y0:y1] - lo), 1 - lam[y0:y1], accumulate=True)
+                ay.index_put_((rows, i1[y0:y1] - lo), lam[y0:y1], accumulate=True)
+                g.ay.append((lo, hi, ay.to(device=dev, dtype=dtype)))
+            g.small = r <= small_res
+            if not g.small:  # output column f*j + k lerps source columns j-1, j (k < f/2) or j, j+1
+                c = torch.tensor([(k + 0.5) / f - 0.5 for k in range(f)], dtype=torch.float64)
+                h = f // 2
+                as_w = lambda x: x.view(1, 1, h, 1).to(device=dev, dtype=dtype)  # noqa: E731
+                g.lerp = (as_w(-c[:h]), as_w(1 + c[:h]), as_w(1 - c[h:]), as_w(c[h:]))
+            g.chunk = max(1, min(r, chunk_px // r))
+            g.cap = g.chunk + T // f + 3
+            self.low.append(g)
+        small = [g.res for g in self.low if g.small]
+        self.ax_small = torch.cat([interp_matrix(R, r) for r in small], dim=1).to(device=dev, dtype=dtype) if small else None
+
+    @torch.no_grad()
+    def image(self, taps: list[torch.Tensor], n: int) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """First-layer pre-activations of image n, tile by tile: yields (y0, y1, h) with h
+        ((y1-y0)*R, MH) for output rows [y0, y1). h is a reused buffer: valid until the next tile."""
+        got = [(t.shape[1], t.shape[-1]) for t in taps]
+        if got != list(zip(self.tap_channels, self.tap_resolutions)):
+            raise ValueError(f"taps (channels, resolution) {got} do not match the labeler's "
+                             f"{list(zip(self.tap_channels, self.tap_resolutions))}; was it fitted on this generator?")
+        R, T, MH, dt = self.R, self.T, self.mh, self.dtype
+        dev = taps[0].device
+
+        def rows(g: _Group, a: int, b: int) -> torch.Tensor:  # rows [a, b) of image n: (pixels, C_g), a transposed view
+            xs = [taps[i][n, :, a:b].reshape(taps[i].shape[1], -1) for i in g.idx]
+            return (torch.cat(xs) if len(xs) > 1 else xs[0]).to(dt).t()
+
+        bands = [torch.empty(g.cap, g.res, MH, device=dev, dtype=dt) for g in self.low]
+        held = [[0, 0] for _ in self.low]  # per band: first row held, rows held
+        buf = torch.empty(T * R, MH, device=dev, dtype=dt)
+        for ti, y0 in enumerate(range(0, R, T)):
+            y1 = min(R, y0 + T)
+            t_rows, P = y1 - y0, (y1 - y0) * R
+            out = buf[:P]
+            if self.full is not None:
+                torch.addmm(self.bias, rows(self.full, y0, y1), self.full.wt, out=out)
+            else:
+                out.copy_(self.bias.expand(P, -1))
+            out3 = out.view(t_rows, R, MH)
+            zs_small = []
+            for g, band, st in zip(self.low, bands, held):
+                lo, hi, ay = g.ay[ti]
+                proj = self._roll(g, rows, band, st, lo, hi)
+                z = torch.mm(ay, proj.reshape(proj.shape[0], -1)).view(t_rows, g.res, MH)  # vertical
+                if g.small:
+                    zs_small.append(z)
+                    continue
+                h = R // g.res // 2
+                wm, wcl, wch, wp = g.lerp
+                out4 = out.view(t_rows, g.res, R // g.res, MH)
+                zl, zr = z[:, :-1, None], z[:, 1:, None]  # columns j, j+1 for j < r-1
+                out4[:, 1:, :h].addcmul_(zl, wm).addcmul_(zr, wcl)
+                out4[:, :-1, h:].addcmul_(zl, wch).addcmul_(zr, wp)
+                out4[:, 0, :h] += z[:, 0, None]  # image border: both neighbours clamp to one column
+                out4[:, -1, h:] += z[:, -1, None]
+            if zs_small:  # all small resolutions at once: (R, sum r) @ (sum r, MH) per row
+                zc = torch.cat(zs_small, dim=1) if len(zs_small) > 1 else zs_small[0]
+                out3.baddbmm_(self.ax_small.expand(t_rows, -1, -1), zc)
+            yield y0, y1, out
+
+    @staticmethod
+    def _roll(g: _Group, rows: Callable, band: torch.Tensor, st: list[int], lo: int, hi: int) -> torch.Tensor:
+        """Projected rows lo..hi of group g, (hi-lo+1, r, MH), projecting new rows a chunk at a time."""
+        a, cnt = st
+        if lo < a or lo > a + cnt:  # first tile of the image: start afresh
+            a, cnt = lo, 0
+        if hi >= a + cnt:
+            start = a + cnt
+            end = min(g.res, max(hi + 1, start + g.chunk))
+            if end - a > g.cap:  # move the rows still needed to the front of the buffer
+                keep = start - lo
+                if keep:
+                    band[:keep].copy_(band[lo - a : lo - a + keep].clone())
+                a = lo
+            dst = band[start - a : end - a].view(-1, band.shape[-1])
+            torch.mm(rows(g, start, end), g.wt, out=dst)
+            cnt = end - a
+        st[0], st[1] = a, cnt
+        return band[lo - a : hi - a + 1]
 
 def naive_hypercolumn(taps: list[torch.Tensor], out_res: int) -> torch.Tensor:
     """The papers' definition: upsample every tap to full resolution and concatenate -> (N, C, R, R)."""

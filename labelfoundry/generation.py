@@ -1,18 +1,25 @@
-"""Mass generation: latents -> images, taps -> labels + uncertainty, as numpy arrays for one shard.
+"""Mass generation: latents -> images, taps -> labels + uncertainty, as numpy arrays for one shard,
+and the loop that commits shard after shard with the store write of one overlapping the
+generation of the next.
 
 A sample's latent depends only on (run seed, sample id), never on batch or shard boundaries, so
-the same run gives the same bytes however it is split across tasks, workers or restarts.
+the same run gives the same bytes however it is split across tasks, workers or restarts (on one
+kind of machine: `precision="auto"` resolves per device, see `labelfoundry.precision`).
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 from .features import generate_with_taps
 from .labelers.base import GenBatch
+from .precision import resolve_precision
 
 
 def sample_seed(run_seed: int, sample_id: int) -> int:
@@ -32,8 +39,12 @@ def generate_samples(
     batch: int = 32,
     store_w: bool = True,
     device: str | torch.device = "cpu",
+    precision: str = "fp32",
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Generate and label `sample_ids`. Returns (arrays for the store, per-sample manifest columns).
+
+    precision: "fp32", "bf16" or "auto" (bf16 where the device runs it natively): the generator
+    and the labeler run under the same autocast; latents, softmax and uncertainty stay fp32.
 
     arrays: image uint8 (n,R,R,3); label uint8 (n,R,R) or float16 (n,K,R,R); uncertainty float16
     (n,R,R); w float32 (n,num_ws,w_dim) when store_w. columns: seed, score, score_top10, rejected (the labeler refused the sample).
@@ -42,11 +53,14 @@ def generate_samples(
     seeds = [sample_seed(run_seed, s) for s in sample_ids]
     parts: dict[str, list] = {"image": [], "label": [], "uncertainty": [], "w": []}
     score, top10, rejected = [], [], []
+    amp = resolve_precision(precision, dev) == torch.bfloat16
     for i in range(0, len(seeds), batch):
         z = G.z_from_seeds(seeds[i : i + batch], dev)
         ws = G.mapping(z, psi=psi)
-        image, taps = generate_with_taps(G, ws, labeler.tap_spec)
-        out = labeler.label(GenBatch(ws, image, taps, G=G, z=z))
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+            image, taps = generate_with_taps(G, ws, labeler.tap_spec)
+            out = labeler.label(GenBatch(ws, image, taps, G=G, z=z))
+        image = image.float()
         parts["image"].append(((image.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
         lab = out.label.cpu().numpy()
         parts["label"].append(lab if lab.dtype == np.uint8 else lab.astype(np.float16))
@@ -64,3 +78,53 @@ def generate_samples(
         "rejected": np.concatenate(rejected),
     }
     return arrays, cols
+
+
+class ShardSink(Protocol):
+    """What `generate_shards` writes into (storage.ShardStore meets it; the core never imports storage)."""
+
+    def shard_range(self, index: int) -> range: ...
+
+    def write_shard(self, index: int, samples: dict[str, np.ndarray], rows: dict[str, np.ndarray]) -> Any: ...
+
+
+def generate_shards(
+    G,
+    labeler,
+    store: ShardSink,
+    shard_indices: Iterable[int],
+    run_seed: int,
+    *,
+    psi: float = 1.0,
+    batch: int = 32,
+    store_w: bool = True,
+    device: str | torch.device = "cpu",
+    precision: str = "fp32",
+    on_commit: Callable[[int, int], None] | None = None,
+) -> list[int]:
+    """Generate, label and commit whole shards, in order. A writer thread commits shard k
+    (compression, checksums, read-back, manifest part) while shard k+1 is generated; at most one
+    shard waits for it, so memory stays at two shards. A failed write raises here, before the next
+    shard is handed over. Options as in `generate_samples`; on_commit(index, n) after each commit.
+    Returns the committed indices."""
+    done: list[int] = []
+    pending: tuple[int, Future] | None = None
+
+    def wait() -> None:
+        if pending is not None:
+            idx, fut = pending
+            fut.result()
+            done.append(idx)
+            if on_commit is not None:
+                on_commit(idx, len(store.shard_range(idx)))
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer") as writer:
+        for idx in shard_indices:
+            arrays, cols = generate_samples(
+                G, labeler, list(store.shard_range(idx)), run_seed,
+                psi=psi, batch=batch, store_w=store_w, device=device, precision=precision,
+            )
+            wait()
+            pending = (idx, writer.submit(store.write_shard, idx, arrays, cols))
+        wait()
+    return done

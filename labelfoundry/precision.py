@@ -27,3 +27,19 @@ def bf16_autocast_ok(device: torch.device | str) -> bool:
     if dev.type == "cpu":
         return cpu_bf16_fast()
     return False
+
+
+def autocast_dtype(device: torch.device | str) -> torch.dtype:
+    """The dtype hand-written kernels should compute in: the active autocast dtype on `device`'s
+    type (the caller chose reduced precision for the whole stage), else float32."""
+    kind = torch.device(device).type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else torch.float32
+
+
+def resolve_precision(precision: str, device: torch.device | str) -> torch.dtype:
+    """'fp32' | 'bf16' | 'auto' (bf16 where `bf16_autocast_ok`, else fp32) -> the stage's dtype."""
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16', got {precision!r}")
+    if precision == "bf16" or (precision == "auto" and bf16_autocast_ok(device)):
+        return torch.bfloat16
+    return torch.float32

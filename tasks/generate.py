@@ -10,7 +10,7 @@ from prefect import get_run_logger, task
 
 import storage
 from labelfoundry.config import GenerateSection
-from labelfoundry.generation import generate_samples
+from labelfoundry.generation import generate_shards
 
 from .common import Artifact, LabelerArtifact, load_generator_cached, load_labeler_cached, set_threads
 
@@ -56,20 +56,17 @@ def generate_shards_task(
     device: str,
     torch_threads: int,
 ) -> list[int]:
-    """Generate, label and commit whole shards; already committed shards are skipped (idempotent)."""
+    """Generate, label and commit whole shards (each store write overlapping the next shard's
+    generation); already committed shards are skipped (idempotent)."""
     log = get_run_logger()
     set_threads(torch_threads)
     G = load_generator_cached(generator, device)
     lab = load_labeler_cached(labeler.path, labeler.hash, device)
     with storage.ShardStore.open(store_path, mode="a") as store:
         committed = set(store.committed_shards())
-        for idx in shard_indices:
-            if idx in committed:
-                continue
-            ids = list(store.shard_range(idx))
-            arrays, cols = generate_samples(
-                G, lab, ids, run_seed, psi=gen.psi, batch=gen.batch, store_w=gen.store_w, device=device
-            )
-            store.write_shard(idx, arrays, cols)
-            log.info("committed shard %d (%d samples)", idx, len(ids))
+        generate_shards(
+            G, lab, store, [i for i in shard_indices if i not in committed], run_seed,
+            psi=gen.psi, batch=gen.batch, store_w=gen.store_w, device=device, precision=gen.precision,
+            on_commit=lambda idx, n: log.info("committed shard %d (%d samples)", idx, n),
+        )
     return shard_indices

@@ -1,0 +1,159 @@
+"""Factory throughput at 64² on this machine: generator, labeling, commit, read. One JSON line last.
+
+    python bench/throughput.py                        # 2 workers x 1 torch thread (the demo's runner)
+    python bench/throughput.py --workers 1 --torch-threads 2 --batch 64
+    python bench/throughput.py --precision fp32       # default: auto (bf16 where the CPU runs it natively)
+
+Setup: the shipped toy-faces generator (toyfaces-64) and a HandsOff labeler of the demo's shape
+(10 members, hidden (256, 32), 10 classes), randomly initialised: its weights do not change the
+work done. Each phase runs `workers` Python threads, each with its own share of the samples, and
+torch.set_num_threads(torch_threads) (the factory's thread runner does the same), after a
+one-batch warm-up; samples/s is total samples / wall time of the phase. Generator and labeler run
+at the same precision.
+
+  gen_sps     generator alone: seeds -> z -> mapping -> synthesis with taps (what labeling needs).
+  label_sps   generation.generate_samples: generator + labels + uncertainty + the numpy arrays.
+  commit_sps  generation.generate_shards into a fresh ShardStore (labelfoundry's commit protocol:
+              compression, checksums, read-back, manifest parts), each worker owning whole shards,
+              each store write overlapping its worker's next shard.
+  read_sps_shuffled / read_sps_random   bench/read_throughput.py's `read_throughput` on the dataset
+              just committed, when that file exists; null otherwise.
+
+Targets (issue 12): label_sps >= 0.5 * gen_sps, commit_sps >= 50, read_sps_shuffled >= 5000.
+The machine is shared: compare figures measured in one run; run it twice before believing one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import storage  # noqa: E402
+from labelfoundry.domains.toyfaces import CLASSES  # noqa: E402
+from labelfoundry.features import generate_with_taps  # noqa: E402
+from labelfoundry.generation import generate_samples, generate_shards, sample_seed  # noqa: E402
+from labelfoundry.generators import load_generator  # noqa: E402
+from labelfoundry.labelers import HandsOffConfig, HandsOffLabeler  # noqa: E402
+from labelfoundry.precision import resolve_precision  # noqa: E402
+
+TARGETS = {"label_over_gen_min": 0.5, "commit_sps_min": 50.0, "read_sps_shuffled_min": 5000.0}
+
+
+def run_workers(workers: int, fn: Callable[[int], None]) -> float:
+    """fn(worker) on `workers` threads at once; wall seconds until the last one ends."""
+    errors: list[BaseException] = []
+
+    def body(k: int) -> None:
+        try:
+            fn(k)
+        except BaseException as e:  # noqa: BLE001 - re-raised below, in the caller's thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=body, args=(k,)) for k in range(workers)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return time.perf_counter() - t0
+
+
+def split(ids: list[int], workers: int) -> list[list[int]]:
+    return [ids[k::workers] for k in range(workers)]
+
+
+def measure(n: int, batch: int, workers: int, torch_threads: int, precision: str, samples_per_shard: int,
+            out_dir: str, read: bool = True, log=print) -> dict:
+    torch.set_num_threads(torch_threads)
+    G = load_generator("toyfaces-64")
+    cfg = HandsOffConfig()
+    torch.manual_seed(0)
+    lab = HandsOffLabeler(cfg, cfg.tap_spec.channels(G.tap_channels), G.resolution, len(CLASSES)).eval()
+    dtype = resolve_precision(precision, "cpu")
+    amp = dtype == torch.bfloat16
+    prec = "bf16" if amp else "fp32"
+
+    @torch.no_grad()
+    def gen_only(ids: list[int]) -> None:
+        for i in range(0, len(ids), batch):
+            z = G.z_from_seeds([sample_seed(0, s) for s in ids[i : i + batch]], "cpu")
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                generate_with_taps(G, G.mapping(z), lab.tap_spec)
+
+    def label(ids: list[int]) -> None:
+        generate_samples(G, lab, ids, 0, batch=batch, precision=prec)
+
+    ids = list(range(n))
+    out: dict = {"res": G.resolution, "n": n, "batch": batch, "workers": workers, "torch_threads": torch_threads,
+                 "threads": workers * torch_threads, "precision": prec, "samples_per_shard": samples_per_shard}
+    for name, fn in (("gen_sps", gen_only), ("label_sps", label)):
+        run_workers(workers, lambda k: fn(list(range(batch))))  # warm-up: one batch per worker
+        wall = run_workers(workers, lambda k, fn=fn: fn(split(ids, workers)[k]))
+        out[name] = round(n / wall, 1)
+        log(f"# {name:10s} {out[name]:8.1f} samples/s ({n} samples, {wall:.1f} s)")
+
+    path = os.path.join(out_dir, "throughput-ds")
+    num_shards = -(-n // samples_per_shard)
+    store = storage.ShardStore.create(
+        path, num_samples=num_shards * samples_per_shard, image_shape=(G.resolution, G.resolution),
+        label_shape=(G.resolution, G.resolution), label_dtype="uint8", schema={"class_names": list(CLASSES)},
+        samples_per_shard=samples_per_shard, w_shape=(G.num_ws, G.w_dim), provenance={"bench": "throughput"},
+    )
+    wall = run_workers(workers, lambda k: generate_shards(
+        G, lab, store, split(list(range(num_shards)), workers)[k], 0, batch=batch, precision=prec))
+    out["commit_sps"] = round(store.num_samples / wall, 1)
+    log(f"# commit_sps {out['commit_sps']:8.1f} samples/s ({store.num_samples} samples, {wall:.1f} s)")
+    out["read_sps_shuffled"] = out["read_sps_random"] = None
+    reader = os.path.join(ROOT, "bench", "read_throughput.py")
+    if read and os.path.exists(reader):
+        spec = importlib.util.spec_from_file_location("read_throughput", reader)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = mod
+        spec.loader.exec_module(mod)
+        r = mod.read_throughput(path)
+        out["read_sps_shuffled"], out["read_sps_random"] = r.get("read_sps_shuffled"), r.get("read_sps_random")
+        log(f"# read       shuffled {out['read_sps_shuffled']} random {out['read_sps_random']} samples/s")
+    out["label_over_gen"] = round(out["label_sps"] / out["gen_sps"], 3)
+    out["targets"] = TARGETS
+    out["targets_met"] = {
+        "label_over_gen": out["label_over_gen"] >= TARGETS["label_over_gen_min"],
+        "commit_sps": out["commit_sps"] >= TARGETS["commit_sps_min"],
+        "read_sps_shuffled": None if out["read_sps_shuffled"] is None
+        else out["read_sps_shuffled"] >= TARGETS["read_sps_shuffled_min"],
+    }
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--n", type=int, default=512, help="samples per phase")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--torch-threads", type=int, default=1)
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
+    p.add_argument("--samples-per-shard", type=int, default=64)
+    p.add_argument("--no-read", action="store_true", help="skip the reader phase")
+    a = p.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="lf-throughput-") as tmp:
+        out = measure(a.n, a.batch, a.workers, a.torch_threads, a.precision, a.samples_per_shard, tmp,
+                      read=not a.no_read, log=lambda s: print(s, flush=True))
+    print(json.dumps(out), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
