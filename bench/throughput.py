@@ -45,7 +45,7 @@ from labelfoundry.domains.toyfaces import CLASSES  # noqa: E402
 from labelfoundry.features import generate_with_taps  # noqa: E402
 from labelfoundry.generation import generate_samples, generate_shards, sample_seed  # noqa: E402
 from labelfoundry.generators import load_generator  # noqa: E402
-from labelfoundry.labelers import HandsOffConfig, HandsOffLabeler  # noqa: E402
+from labelfoundry.labelers.handsoff import HandsOffConfig, HandsOffLabeler  # noqa: E402
 from labelfoundry.precision import resolve_precision  # noqa: E402
 
 TARGETS = {"label_over_gen_min": 0.5, "commit_sps_min": 50.0, "read_sps_shuffled_min": 5000.0}

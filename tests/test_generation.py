@@ -10,7 +10,7 @@ import torch
 import storage
 from labelfoundry.generation import generate_samples, generate_shards
 from labelfoundry.generators import Generator
-from labelfoundry.labelers import HandsOffConfig, HandsOffLabeler
+from labelfoundry.labelers.handsoff import HandsOffConfig, HandsOffLabeler
 
 CLASSES = ["bg", "a", "b"]
 

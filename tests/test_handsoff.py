@@ -158,7 +158,7 @@ def test_bf16_labeling_agrees_with_fp32(G, batch):
     >= 99% of pixels the same class; JS within 0.02 nats per pixel (max) and 2e-3 (mean)."""
     ws, img, taps = batch
     cfg = HandsOffConfig(members=4, hidden=(32, 8), min_steps=100, pixels_per_image=256, tile_pixels=200)
-    lab = HandsOffLabeler.fit(G, ws, cfg, masks=_masks(img), num_classes=3)
+    lab = HandsOffLabeler.fit(G, fit_data(_masks(img), 3, latents=ws), cfg)
     fp32 = lab.label(GenBatch(ws, img, taps))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         bf16 = lab.label(GenBatch(ws, img, taps))
