@@ -77,12 +77,18 @@ class TrainResult(BaseModel):
     val_metrics: list[dict] = []
 
 
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The data-order seed of one epoch: distinct runs' seeds never share an epoch's order
+    (with seed + epoch, seed 1's first epoch would be seed 0's second). Seed 0 gives 0, 1, 2, ..."""
+    return seed * 1_000_003 + epoch
+
+
 def _batch_stream(
     data: Dataset | DataLoader, cfg: TrainConfig, start_step: int, sample_weights: torch.Tensor | None = None
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Endless batches starting at ``start_step``.
 
-    For a Dataset the order is a seeded permutation per epoch (seed + epoch), so resuming
+    For a Dataset the order is a seeded permutation per epoch (``epoch_seed``), so resuming
     is exact; the last partial batch is dropped. With ``sample_weights`` each epoch instead
     draws as many indices as a permutation would use, with replacement, in proportion to the
     weights (same seeding, so resuming stays exact). A DataLoader is iterated as given and the
@@ -101,7 +107,7 @@ def _batch_stream(
     per_epoch = n // bs
     epoch, skip = divmod(start_step, per_epoch)
     while True:
-        gen = torch.Generator().manual_seed(cfg.seed + epoch)
+        gen = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch))
         if sample_weights is None:
             perm = torch.randperm(n, generator=gen)
         else:
@@ -109,7 +115,7 @@ def _batch_stream(
         batches = [perm[i * bs : (i + 1) * bs].tolist() for i in range(skip, per_epoch)]
         # its own generator: worker seeds come from (seed, epoch), not from the global RNG
         yield from DataLoader(data, batch_sampler=batches, num_workers=cfg.num_workers,
-                              generator=torch.Generator().manual_seed(cfg.seed + epoch))
+                              generator=torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch)))
         epoch, skip = epoch + 1, 0
 
 
