@@ -9,6 +9,7 @@ gap_closed = (ours - labeled_only) / (oracle - labeled_only).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -185,3 +186,17 @@ def longtail_metrics(
         "non_long_tail_miou": _mean_defined([iou[c] for c in rest]),
         "miou": _mean_defined(list(per_class_iou)),
     }
+
+
+def plateau_step(scores: Sequence[float | None], min_delta: float = 0.005, patience: int = 3) -> int | None:
+    """The schedule rule (docs/schedules.md): index of the evaluation where a held-out score (mIoU on
+    held-out *generated* samples, so no real label beyond the few is used) stops improving: the last
+    gain of more than `min_delta` that `patience` further evaluations do not beat. None when the
+    curve is still rising at its end (train longer). Undefined scores (None / NaN) count as no gain."""
+    best, best_i = -math.inf, None
+    for i, v in enumerate(scores):
+        if v is not None and not math.isnan(v) and v > best + min_delta:
+            best, best_i = v, i
+        elif best_i is not None and i - best_i >= patience:
+            return best_i
+    return None

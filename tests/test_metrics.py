@@ -226,3 +226,11 @@ def test_seeds_summarize_to_mean_and_std_per_method_and_class():
     assert g["gap_closed_std"] == pytest.approx(statistics.stdev([0.25, 1.5]), abs=1e-4)
     none = gap_closed_summary(ours, orc, lo)  # labeled-only above the oracle: a reason, not a bare None
     assert none["gap_closed"] is None and "no gap to close" in none["gap_closed_note"]
+
+
+def test_plateau_rule_picks_the_last_real_gain_or_none_while_rising():
+    from labelfoundry.evaluation import plateau_step
+
+    assert plateau_step([0.1, 0.3, 0.40, 0.402, 0.401, 0.403, 0.5]) == 2  # 3 evaluations without a 0.005 gain
+    assert plateau_step([0.1, 0.2, 0.3, 0.4]) is None  # still rising: the schedule is too short
+    assert plateau_step([None, 0.2, float("nan"), 0.2, 0.2, 0.2]) == 1
