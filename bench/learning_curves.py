@@ -105,8 +105,8 @@ def main() -> None:
     result = {"steps": xs, "curves": curves, "rule": "plateau_step on held-out generated mIoU", "chosen": chosen,
               "run_dir": str(run), "train": train_cfg.model_dump(mode="json"), "test_images": args.test_images}
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
-    panels = {"real test mIoU": {m: c["test"] for m, c in curves.items()},
-              "held-out generated mIoU": {m: c["held_out"] for m, c in curves.items() if "held_out" in c}}
+    panels = {"held-out generated mIoU": {m: c["held_out"] for m, c in curves.items() if "held_out" in c},
+              "real test mIoU": {m: c["test"] for m, c in curves.items()}}  # last panel: the legend of every method
     sweep_png(xs, panels, stem.with_suffix(".png"), "training steps", f"learning curves ({ds['arch']})")
     print(f"wrote {stem.with_suffix('.json')} and {stem.with_suffix('.png')}")
 
