@@ -16,28 +16,39 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="labelfoundry
 console = Console()
 
 FULL_OVERRIDES = {
-    # The headline configuration: more samples, a longer downstream schedule, the unfiltered control.
+    # The headline configuration: more samples, a longer downstream schedule, 3 seeds, the unfiltered control.
     "run_dir": "runs/full",
     "generate": {"num_samples": 3000},
-    "downstream": {"max_steps": 1000, "test_images": 1000, "baselines": ["labeled_only", "oracle", "unfiltered", "finetuned"]},
+    "downstream": {"max_steps": 1000, "test_images": 1000, "seeds": 3,
+                   "baselines": ["labeled_only", "oracle", "unfiltered", "finetuned"]},
 }
 FULL_50 = {"run_dir": "runs/full-50", "labeled": {"num_images": 50}, "downstream": {"baselines": ["labeled_only", "unfiltered", "finetuned"]}}
 
 
 def headline(s16: dict, s50: dict) -> str:
     """The headline table: HandsOff (filtered, unfiltered, fine-tuned on the labels) vs labeled-only vs
-    oracle at 16 and 50 labels; gap closed by the filtered and the fine-tuned HandsOff."""
-    from labelfoundry.evaluation import gap_closed
+    oracle at 16 and 50 labels, mean ± std over the seeds; gap closed by the filtered and the fine-tuned
+    HandsOff, with its spread, or why it is undefined."""
+    from labelfoundry.evaluation import gap_closed_summary, mean_std_text
     from labelfoundry.report import markdown_table
 
     m16, m50 = s16["evaluation"]["methods"], s50["evaluation"]["methods"]
-    oracle = m16["oracle"]["miou"]
+    oracle = m16["oracle"]
+
+    def cell(r: dict | None) -> str:
+        return "—" if r is None else mean_std_text(r["miou"], r["miou_std"])
+
+    def gap(r: dict | None, lo: dict) -> str:
+        if r is None:
+            return "—"
+        g = gap_closed_summary(r, lo, oracle)
+        return g["gap_closed_note"] if g["gap_closed"] is None else mean_std_text(g["gap_closed"], g["gap_closed_std"])
+
     rows = []
     for n, m in ((16, m16), (50, m50)):
-        lo, ours = m["labeled_only"]["miou"], m["handsoff"]["miou"]
-        ft = m.get("finetuned", {}).get("miou")
-        rows.append([n, ours, m["unfiltered"]["miou"], ft, lo, oracle, gap_closed(ours, lo, oracle),
-                     None if ft is None else gap_closed(ft, lo, oracle)])
+        lo, ft = m["labeled_only"], m.get("finetuned")
+        rows.append([n, cell(m["handsoff"]), cell(m["unfiltered"]), cell(ft), cell(lo), cell(oracle),
+                     gap(m["handsoff"], lo), gap(ft, lo)])
     return markdown_table(["labels", "HandsOff (filtered)", "HandsOff (unfiltered)", "HandsOff + fine-tune", "labeled-only",
                            "oracle", "gap closed", "gap closed (fine-tuned)"], rows)
 

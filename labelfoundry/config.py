@@ -133,7 +133,13 @@ class FilterSection(_Strict):
 
 
 class DownstreamSection(_Strict):
+    """Downstream training + evaluation: the same segmenter trained on each label source."""
+
     enabled: bool = True
+    seeds: int = Field(1, ge=1, le=20, description="trainings per method (seed i = run seed + i: init, data order, "
+                       "augmentation); the report gives mean ± std over them. The headline (--full) uses 3")
+    torch_threads: int = Field(1, ge=1, description="intra-op threads while training/evaluating; fixed, so the same "
+                               "run gives the same numbers whatever ran before in the process")
     arch: Arch = "tiny_unet"
     epochs: int = 10
     max_steps: int | None = 300

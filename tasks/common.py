@@ -3,9 +3,11 @@ and a per-process model cache so threads/workers load each checkpoint once."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -134,3 +136,14 @@ def generator_hash(name: str) -> str:
 def set_threads(n: int) -> None:
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block with `n` intra-op threads, then restore the previous count."""
+    before = torch.get_num_threads()
+    set_threads(n)
+    try:
+        yield
+    finally:
+        set_threads(before)

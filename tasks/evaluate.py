@@ -12,12 +12,19 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from labelfoundry.domains.base import resize_labeled
-from labelfoundry.evaluation import ArrayDataset, gap_closed, toyfaces_split, train_and_evaluate
+from labelfoundry.evaluation import (
+    ArrayDataset,
+    gap_closed_summary,
+    mean_std_text,
+    summarize_seeds,
+    toyfaces_split,
+    train_and_evaluate,
+)
 from labelfoundry.report import bar_png, colorize, markdown_table, save_png
 from labelfoundry.segmenters import TrainConfig
 from labelfoundry.segmenters.models import imagenet_weights_file
 
-from .common import Artifact, cached
+from .common import Artifact, cached, torch_threads
 
 
 def _train_cfg(ds: dict, seed: int) -> TrainConfig:
@@ -36,7 +43,7 @@ def train_eval_task(
     labeled_cfg: dict, downstream_cfg: dict, resolution: int, num_classes: int, binary: bool, seed: int, code_version: str,
     device: str,
 ) -> dict:
-    """One method's segmenter: trained on its label source, scored on the real test split."""
+    """One method's segmenter, one seed: trained on its label source, scored on the real test split."""
     import storage
 
     log = get_run_logger()
@@ -73,12 +80,13 @@ def train_eval_task(
                                      resolution, code_version], sort_keys=True).encode()).hexdigest()[:12]
     out = Path(run_dir) / "evaluate" / f"{method}-{key}"
     transfer = method == "imagenet_transfer"
-    metrics = train_and_evaluate(
-        train, test, arch=ds["transfer_arch"] if transfer else ds["arch"], num_classes=num_classes, out_dir=out,
-        train_cfg=_train_cfg(ds, seed), device=device, sample_weights=weights, examples=ds["examples"],
-        finetune_data=labeled_set if ds["finetune_on_labeled"] and method in REGISTRY else None,
-    )
-    log.info("%s: mIoU %.3f on %d test images", method, metrics["miou"], len(test))
+    with torch_threads(ds["torch_threads"]):  # a fixed count: float sums, hence metrics, never depend on what ran before
+        metrics = train_and_evaluate(
+            train, test, arch=ds["transfer_arch"] if transfer else ds["arch"], num_classes=num_classes, out_dir=out,
+            train_cfg=_train_cfg(ds, seed), device=device, sample_weights=weights, examples=ds["examples"],
+            finetune_data=labeled_set if ds["finetune_on_labeled"] and method in REGISTRY else None,
+        )
+    log.info("%s (seed %d): mIoU %.4f on %d test images", method, seed, metrics["miou"], len(test))
     return metrics
 
 
@@ -117,6 +125,8 @@ def evaluate_stage(cfg, run_dir: Path, inverted: Artifact, store_path: str, mh: 
     unknown = sorted(set(ds_cfg["oversample"]) - set(names))
     if unknown:  # before any training: the labels have no such class
         raise ValueError(f"downstream.oversample: unknown classes {unknown}; valid classes: {names}")
+    ds_cfg.pop("seeds")  # not a training input: seed i's cache entry is the same whatever the number of seeds
+    seeds = [cfg.seed + i for i in range(cfg.downstream.seeds)]
     plain_cfg = {**ds_cfg, "oversample": {}}  # uniform-draw methods: the same cache key with or without oversample
     results, skipped = {}, {}
     baselines = list(cfg.downstream.baselines)
@@ -135,29 +145,51 @@ def evaluate_stage(cfg, run_dir: Path, inverted: Artifact, store_path: str, mh: 
 
     for name in [ours, *baselines]:
         m = ours if name in ("no_oversample", "finetuned") else name  # variants of ours (own cache keys)
-        results[name] = cached(train_eval_task, run_dir)(
+        runs = [cached(train_eval_task, run_dir)(
             method=m, run_dir=str(run_dir), store_path=store_path if m in generated else None,
             manifest_hash_=(mh + fh if m == ours else mh) if m in generated else None, inverted=inverted,
             labeled_cfg=cfg.labeled.model_dump(), downstream_cfg=method_cfg(name), resolution=R,
-            num_classes=len(names), binary=binary, seed=cfg.seed, code_version=cv, device=device,
-        )
+            num_classes=len(names), binary=binary, seed=seed, code_version=cv, device=device,
+        ) for seed in seeds]
+        results[name] = summarize_seeds(runs)
     out = {"methods": results, "class_names": names, "num_labeled": cfg.labeled.num_images, "labeler": cfg.labeler.method,
-           "skipped": skipped}
+           "seeds": seeds, "skipped": skipped}
     if "labeled_only" in results and "oracle" in results:
-        out["gap_closed"] = gap_closed(results[ours]["miou"], results["labeled_only"]["miou"], results["oracle"]["miou"])
+        out.update(gap_closed_summary(results[ours], results["labeled_only"], results["oracle"]))
     (run_dir / "metrics.json").write_text(json.dumps(out, indent=2))
-    rows = [[m, r["miou"], r["train_samples"]] for m, r in results.items()]
-    md = [f"# Downstream evaluation ({cfg.downstream.arch}, {cfg.downstream.test_images} real test images)", "",
-          markdown_table(["method", "mIoU", "train samples"], rows), "", f"gap closed: {out.get('gap_closed')}", ""]
-    md += [f"skipped {m}: {why}" for m, why in skipped.items()] + ([""] if skipped else [])
-    per_class = {m: r["per_class_iou"] for m, r in results.items()}
-    p = bar_png(names, per_class, run_dir / "report" / "per-class-iou.png", "per-class IoU on real test images", "IoU")
-    md += [f"![per-class IoU]({p.resolve().as_uri()})", "", markdown_table(["class", *results], [[n, *[per_class[m][i] for m in results]] for i, n in enumerate(names)])]
+    md = evaluation_markdown(out, cfg.downstream, run_dir)
     examples = prediction_examples(results, R, binary, schema, run_dir / "report" / "predictions.png")
     if examples is not None:
         md += ["", f"Predictions on real test images (rows: image, ground truth, {', '.join(r for r in results if 'examples' in results[r])}):",
                "", f"![predictions]({examples.resolve().as_uri()})"]
     (run_dir / "report" / "evaluation.md").write_text("\n".join(md))
     create_markdown_artifact("\n".join(md), key="evaluation-report", description="downstream mIoU vs baselines")
-    create_table_artifact([{"method": m, "miou": r["miou"]} for m, r in results.items()], key="evaluation-table")
+    create_table_artifact([{"method": m, "miou": r["miou"], "miou_std": r["miou_std"]} for m, r in results.items()],
+                          key="evaluation-table")
     return out
+
+
+def evaluation_markdown(out: dict, ds, run_dir: Path) -> list[str]:
+    """The report's lines: mean ± std per method and per class (3 decimals), gap closed with its spread,
+    and a reason wherever a number is undefined."""
+    results, names, n = out["methods"], out["class_names"], len(out["seeds"])
+    spread = f"mean ± std over {n} seeds" if n > 1 else "1 seed (no spread; set downstream.seeds for mean ± std)"
+    rows = [[m, mean_std_text(r["miou"], r["miou_std"]), mean_std_text(r["fg_iou"], r["fg_iou_std"]), r["train_samples"]]
+            for m, r in results.items()]
+    md = [f"# Downstream evaluation ({ds.arch}, {ds.test_images} real test images, {spread})", "",
+          markdown_table(["method", "mIoU", "fg IoU", "train samples"], rows), ""]
+    if "gap_closed" in out:
+        g = out["gap_closed"]
+        text = out["gap_closed_note"] if g is None else mean_std_text(g, out["gap_closed_std"])
+        if g is not None and out["gap_closed_note"]:
+            text += f" ({out['gap_closed_note']})"
+        md += [f"gap closed: {text}", ""]
+    md += [f"skipped {m}: {why}" for m, why in out["skipped"].items()] + ([""] if out["skipped"] else [])
+    per_class = {m: r["per_class_iou"] for m, r in results.items()}
+    p = bar_png(names, per_class, run_dir / "report" / "per-class-iou.png", "per-class IoU on real test images", "IoU")
+    table = [[c, *[mean_std_text(r["per_class_iou"][i], r["per_class_iou_std"][i]) for r in results.values()]]
+             for i, c in enumerate(names)]
+    md += [f"![per-class IoU]({p.resolve().as_uri()})", "", markdown_table(["class", *results], table)]
+    if any(v is None for r in results.values() for v in r["per_class_iou"]):
+        md += ["", "—: IoU undefined, the class is in neither the test labels nor the predictions"]
+    return md

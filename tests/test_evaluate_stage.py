@@ -46,3 +46,40 @@ def test_transfer_baseline_is_skipped_and_named_without_weights_then_runs_with_t
     t = metrics["methods"]["imagenet_transfer"]
     assert t["train_samples"] == metrics["methods"]["labeled_only"]["train_samples"] == 4
     assert 0.0 <= t["miou"] <= 1.0 and t["fg_iou"] is not None
+
+
+def test_same_evaluation_twice_gives_identical_metrics_whatever_ran_before(tmp_path, make_config, monkeypatch):
+    """Two runs of one config (two run dirs, so nothing is cached) give the same metrics, per seed, bit
+    for bit, even when the second one's trainings start from another global RNG state and thread count
+    (what a cache hit, an earlier stage or another task leaves behind); two seeds give a spread."""
+    import tasks.evaluate
+    from flows.factory import factory
+
+    render = tasks.evaluate.toyfaces_split
+
+    def disturbed(*args, **kwargs):  # runs inside every train-evaluate task, just before training
+        torch.manual_seed(12345)
+        torch.set_num_threads(2)
+        return render(*args, **kwargs)
+
+    metrics = []
+    for name in ("a", "b"):
+        if name == "b":
+            monkeypatch.setattr(tasks.evaluate, "toyfaces_split", disturbed)
+        torch.set_num_threads(1)  # the upstream stages (outside this test's scope) start alike
+        cfg = make_config(tmp_path / name, tmp_path / name / "run", downstream={"seeds": 2})
+        factory(config=str(cfg))
+        metrics.append(json.loads((tmp_path / name / "run" / "metrics.json").read_text()))
+    a, b = metrics
+    assert a["seeds"] == b["seeds"] == [0, 1]
+    for method in ("handsoff", "labeled_only", "oracle"):
+        runs_a, runs_b = a["methods"][method]["seeds"], b["methods"][method]["seeds"]
+        assert [r["miou"] for r in runs_a] == [r["miou"] for r in runs_b], method
+        assert [r["per_class_iou"] for r in runs_a] == [r["per_class_iou"] for r in runs_b], method
+        assert [r["final_loss"] for r in runs_a] == [r["final_loss"] for r in runs_b], method
+        assert runs_a[0]["final_loss"] != runs_a[1]["final_loss"], f"{method}: the two seeds trained alike"
+        assert a["methods"][method]["miou_std"] is not None
+    assert a["gap_closed"] == b["gap_closed"]
+    report = (tmp_path / "a" / "run" / "report" / "evaluation.md").read_text()
+    assert "mean ± std over 2 seeds" in report and " ± " in report.split("gap closed:")[0]
+    assert "None" not in report

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 
 import pytest
 import torch
@@ -201,3 +202,35 @@ def test_gap_closed_is_undefined_without_a_gap():
     assert gap_closed(0.3, 0.4, 0.6) == pytest.approx(-0.5)
     # labeled-only at or above the oracle (a short oracle schedule vs 50 labels): no gap, no ratio
     assert gap_closed(0.32, 0.576, 0.537) is None and gap_closed(0.5, 0.5, 0.5) is None
+
+
+def test_seeds_summarize_to_mean_and_std_per_method_and_class():
+    from labelfoundry.evaluation import gap_closed_summary, mean_std_text, summarize_seeds
+
+    def run(miou, per_class):
+        return {"miou": miou, "fg_iou": 0.9, "fgbg_miou": 0.8, "per_class_iou": per_class, "train_samples": 16}
+
+    ours = summarize_seeds([run(0.5, [0.9, 0.1, None]), run(0.7, [0.7, 0.3, None])])
+    assert ours["miou"] == pytest.approx(0.6) and ours["miou_std"] == pytest.approx(0.1414, abs=1e-4)
+    assert ours["per_class_iou"][:2] == pytest.approx([0.8, 0.2]) and ours["per_class_iou"][2] is None
+    assert ours["per_class_iou_std"][0] == pytest.approx(0.1414, abs=1e-4) and ours["num_seeds"] == 2
+    assert ours["train_samples"] == 16 and len(ours["seeds"]) == 2
+    one = summarize_seeds([run(0.123456789, [0.5, 0.5, 0.5])])
+    assert one["miou"] == 0.1235 and one["miou_std"] is None  # rounded; no spread from one seed
+    assert mean_std_text(0.6, 0.1414) == "0.600 ± 0.141" and mean_std_text(0.6, None) == "0.600"
+
+    lo = summarize_seeds([run(0.4, [0] * 3), run(0.4, [0] * 3)])
+    orc = summarize_seeds([run(0.8, [0] * 3), run(0.6, [0] * 3)])
+    g = gap_closed_summary(ours, lo, orc)  # per seed: 0.1/0.4 and 0.3/0.2; of the means: 0.2/0.3
+    assert g["gap_closed"] == pytest.approx(0.6667, abs=1e-4) and g["gap_closed_note"] is None
+    assert g["gap_closed_std"] == pytest.approx(statistics.stdev([0.25, 1.5]), abs=1e-4)
+    none = gap_closed_summary(ours, orc, lo)  # labeled-only above the oracle: a reason, not a bare None
+    assert none["gap_closed"] is None and "no gap to close" in none["gap_closed_note"]
+
+
+def test_plateau_rule_picks_the_last_real_gain_or_none_while_rising():
+    from labelfoundry.evaluation import plateau_step
+
+    assert plateau_step([0.1, 0.3, 0.40, 0.402, 0.401, 0.403, 0.5]) == 2  # 3 evaluations without a 0.005 gain
+    assert plateau_step([0.1, 0.2, 0.3, 0.4]) is None  # still rising: the schedule is too short
+    assert plateau_step([None, 0.2, float("nan"), 0.2, 0.2, 0.2]) == 1

@@ -245,3 +245,42 @@ def test_smp_unet_loads_its_resnet_encoder_from_local_cache(tmp_path, monkeypatc
     _fake_hub_resnet(tmp_path, monkeypatch, 18, 0.25)
     model = build_segmenter(SegmenterConfig(arch="unet", num_classes=2, unet_encoder="resnet18"))
     assert torch.all(model.net.encoder.conv1.weight == 0.25)
+
+
+@pytest.mark.parametrize("ok", [True, False])
+def test_bf16_autocast_on_cpu_follows_bf16_autocast_ok(ok, tmp_path, monkeypatch):
+    import labelfoundry.segmenters.train as train_mod
+
+    monkeypatch.setattr(train_mod, "bf16_autocast_ok", lambda device: ok)
+    amp = train_mod.autocast_settings("bf16", torch.device("cpu"))
+    assert amp.enabled is ok and amp.dtype == torch.bfloat16
+    assert not train_mod.autocast_settings("fp16", torch.device("cpu")).enabled  # fp16: CUDA only
+    assert not train_mod.autocast_settings("none", torch.device("cpu")).enabled
+    seen = []
+    model = _tiny(num_classes=2)
+    model.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    cfg = TrainConfig(batch_size=8, max_steps=15, checkpoint_every=100, lr=1e-2)
+    res = train_segmenter(model, SquareDataset(16), cfg, task="segmentation", out_dir=tmp_path, device="cpu")
+    assert set(seen) == {torch.bfloat16 if ok else torch.float32}
+    assert all(torch.isfinite(torch.tensor(res.losses))) and res.losses[-1] < res.losses[0]
+
+
+def test_seeded_build_ignores_and_keeps_the_global_rng():
+    cfg = SegmenterConfig(arch="tiny_unet", tiny_width=8)
+    torch.manual_seed(1)
+    a = build_segmenter(cfg, seed=3)
+    state = torch.get_rng_state()
+    torch.manual_seed(2)
+    b = build_segmenter(cfg, seed=3)
+    c = build_segmenter(cfg, seed=4)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert not all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), c.state_dict().values()))
+    torch.manual_seed(1)
+    assert torch.equal(torch.get_rng_state(), state)  # the seeded build drew nothing from the global RNG
+
+
+def test_epoch_orders_of_distinct_seeds_do_not_overlap():
+    from labelfoundry.segmenters.train import epoch_seed
+
+    seeds = {epoch_seed(s, e) for s in range(3) for e in range(1000)}
+    assert len(seeds) == 3000 and epoch_seed(0, 5) == 5

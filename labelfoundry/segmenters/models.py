@@ -163,13 +163,23 @@ def _smp_unet(cfg: SegmenterConfig) -> nn.Module:
     return net
 
 
-def build_segmenter(cfg: SegmenterConfig) -> Segmenter:
+def build_segmenter(cfg: SegmenterConfig, seed: int | None = None) -> Segmenter:
     """Build the network described by ``cfg``, wrapped in :class:`Segmenter`.
 
     Pretrained ImageNet backbone weights are used only if torchvision's file is already in
     ``<torch.hub.get_dir()>/checkpoints``; otherwise a warning names the file and the
-    backbone stays randomly initialised. Heads are always randomly initialised.
+    backbone stays randomly initialised. Heads are always randomly initialised: from ``seed``
+    when given (the same weights whatever ran before; the global RNG is left untouched),
+    else from the global RNG.
     """
+    if seed is not None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return _build(cfg)
+    return _build(cfg)
+
+
+def _build(cfg: SegmenterConfig) -> Segmenter:
     if cfg.arch.startswith("deeplabv3_"):
         return Segmenter(_deeplab(cfg), cfg, imagenet_norm=True, pad_multiple=8)
     if cfg.arch == "unet":

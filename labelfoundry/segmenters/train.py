@@ -1,6 +1,6 @@
 """Train a downstream network on (synthetic) labeled data (HandsOff §4.1, App. B.3).
 
-One plain loop: Adam (lr 1e-3), optional CUDA autocast, checkpoints to ``out_dir`` every
+One plain loop: Adam (lr 1e-3), bf16 autocast where it pays (CUDA, CPUs with native bf16), checkpoints to ``out_dir`` every
 ``checkpoint_every`` steps and at the end, exact resume from the newest checkpoint.
 
 Fine-tuning on a second dataset (the paper's Cityscapes step) is a second call with the
@@ -13,13 +13,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from pydantic import BaseModel, Field
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from labelfoundry.precision import bf16_autocast_ok
 from labelfoundry.segmenters.augment import augment_batch
 from labelfoundry.segmenters.batch import prepare_batch
 from labelfoundry.segmenters.checkpoint import (
@@ -45,7 +46,9 @@ class TrainConfig(BaseModel):
     batch_size: int = Field(64, ge=1)
     epochs: int = Field(20, ge=1, description="used when max_steps is None")
     max_steps: int | None = Field(None, ge=1, description="total optimiser steps; overrides epochs")
-    amp: Literal["none", "bf16", "fp16"] = Field("bf16", description="autocast dtype, CUDA only")
+    amp: Literal["none", "bf16", "fp16"] = Field(
+        "bf16", description="autocast dtype: bf16 on CUDA and on CPUs with native bf16 (else fp32); fp16 on CUDA only"
+    )
     checkpoint_every: int = Field(500, ge=1, description="steps between checkpoints")
     keep_last: int = Field(2, description="checkpoints kept in out_dir (<=0 keeps all)")
     ignore_index: int = 255
@@ -74,12 +77,18 @@ class TrainResult(BaseModel):
     val_metrics: list[dict] = []
 
 
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The data-order seed of one epoch: distinct runs' seeds never share an epoch's order
+    (with seed + epoch, seed 1's first epoch would be seed 0's second). Seed 0 gives 0, 1, 2, ..."""
+    return seed * 1_000_003 + epoch
+
+
 def _batch_stream(
     data: Dataset | DataLoader, cfg: TrainConfig, start_step: int, sample_weights: torch.Tensor | None = None
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Endless batches starting at ``start_step``.
 
-    For a Dataset the order is a seeded permutation per epoch (seed + epoch), so resuming
+    For a Dataset the order is a seeded permutation per epoch (``epoch_seed``), so resuming
     is exact; the last partial batch is dropped. With ``sample_weights`` each epoch instead
     draws as many indices as a permutation would use, with replacement, in proportion to the
     weights (same seeding, so resuming stays exact). A DataLoader is iterated as given and the
@@ -98,13 +107,15 @@ def _batch_stream(
     per_epoch = n // bs
     epoch, skip = divmod(start_step, per_epoch)
     while True:
-        gen = torch.Generator().manual_seed(cfg.seed + epoch)
+        gen = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch))
         if sample_weights is None:
             perm = torch.randperm(n, generator=gen)
         else:
             perm = torch.multinomial(sample_weights, per_epoch * bs, replacement=True, generator=gen)
         batches = [perm[i * bs : (i + 1) * bs].tolist() for i in range(skip, per_epoch)]
-        yield from DataLoader(data, batch_sampler=batches, num_workers=cfg.num_workers)
+        # its own generator: worker seeds come from (seed, epoch), not from the global RNG
+        yield from DataLoader(data, batch_sampler=batches, num_workers=cfg.num_workers,
+                              generator=torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch)))
         epoch, skip = epoch + 1, 0
 
 
@@ -126,6 +137,99 @@ def _steps_per_epoch(data: Dataset | DataLoader, batch_size: int) -> int:
     if isinstance(data, DataLoader):
         return len(data)
     return len(data) // min(batch_size, len(data))
+
+
+class _Amp(NamedTuple):
+    """Autocast settings of one run: whether on, its dtype, and the fp16 loss scaler."""
+
+    enabled: bool
+    dtype: torch.dtype
+    scaler: torch.amp.GradScaler
+
+
+def autocast_settings(amp: str, device: torch.device) -> _Amp:
+    """bf16 where ``bf16_autocast_ok`` says it pays (CUDA, or a CPU with native bf16); fp16 on
+    CUDA only (with a loss scaler); otherwise fp32. Checked at run time, so one config runs anywhere."""
+    if amp == "fp16":
+        on = device.type == "cuda"
+        return _Amp(on, torch.float16, torch.amp.GradScaler("cuda", enabled=on))
+    on = amp == "bf16" and bf16_autocast_ok(device)
+    return _Amp(on, torch.bfloat16, torch.amp.GradScaler("cuda", enabled=False))
+
+
+def train_step(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    amp: _Amp,
+    batch: dict[str, torch.Tensor],
+    cfg: TrainConfig,
+    task: Task,
+    device: torch.device,
+    aug_gen: torch.Generator,
+) -> float:
+    """One optimiser step on one collated batch (augmented with ``aug_gen``); returns the loss."""
+    x, targets = prepare_batch(batch, task, device)
+    x = augment_batch(
+        x, targets, task, aug_gen, hflip=cfg.hflip,
+        flip_permutation=cfg.flip_permutation, color_jitter=cfg.color_jitter,
+    )
+    with torch.autocast(device.type, dtype=amp.dtype, enabled=amp.enabled):
+        out = model(x)
+    loss = task_loss(out, targets, task, cfg.ignore_index)  # in float32 (task_loss upcasts)
+    opt.zero_grad(set_to_none=True)
+    amp.scaler.scale(loss).backward()
+    amp.scaler.step(opt)
+    amp.scaler.update()
+    return float(loss.detach())
+
+
+def _resume(
+    out_dir: Path, model: nn.Module, opt: torch.optim.Optimizer, amp: _Amp, aug_gen: torch.Generator,
+    result: TrainResult,
+) -> list[float]:
+    """Load the newest checkpoint in ``out_dir`` (if any) into the run; returns the loss history."""
+    ckpt = latest_checkpoint(out_dir)
+    if ckpt is None:
+        return []
+    state = load_checkpoint(ckpt)
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    amp.scaler.load_state_dict(state["scaler"])
+    restore_rng(state["rng"], aug_gen)
+    result.resumed_from, result.last_checkpoint = int(state["step"]), ckpt
+    log.info("resumed from %s (step %d)", ckpt, result.resumed_from)
+    return state["losses"].tolist()
+
+
+def _save(
+    out_dir: Path, keep_last: int, model: nn.Module, opt: torch.optim.Optimizer, amp: _Amp,
+    aug_gen: torch.Generator, losses: list[float],
+) -> Path:
+    """Checkpoint everything a resume needs (weights, optimiser, scaler, RNG, loss history)."""
+    state = {
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "scaler": amp.scaler.state_dict(),
+        "step": len(losses),
+        "losses": torch.tensor(losses, dtype=torch.float64),
+        "rng": capture_rng(aug_gen),
+    }
+    path = save_checkpoint(checkpoint_path(out_dir, len(losses)), state)
+    prune_checkpoints(out_dir, keep_last)
+    return path
+
+
+def _validate(
+    model: nn.Module, val_data: Dataset | DataLoader, cfg: TrainConfig, task: Task, device: torch.device,
+    step: int,
+) -> dict:
+    """Validation metrics at ``step`` (mIoU needs the class count: cfg's, else the model's)."""
+    num_classes = cfg.num_classes or getattr(getattr(model, "cfg", None), "num_classes", 0)
+    metrics = evaluate_segmenter(
+        model, val_data, task, num_classes, device, batch_size=cfg.batch_size, ignore_index=cfg.ignore_index,
+    )
+    log.info("step %d validation: %s", step, metrics)
+    return {"step": step, **metrics}
 
 
 def train_segmenter(
@@ -152,72 +256,26 @@ def train_segmenter(
     out_dir = Path(out_dir)
     model.to(device).train()
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    use_amp = device.type == "cuda" and cfg.amp != "none"
-    amp_dtype = torch.float16 if cfg.amp == "fp16" else torch.bfloat16
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and cfg.amp == "fp16")
+    amp = autocast_settings(cfg.amp, device)
     aug_gen = torch.Generator().manual_seed(cfg.seed)
     per_epoch = _steps_per_epoch(train_data, cfg.batch_size)
     total = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * per_epoch
+    result = TrainResult(step=0, steps_per_epoch=per_epoch, losses=[])
+    losses = _resume(out_dir, model, opt, amp, aug_gen, result) if resume else []
 
-    step, losses, result = 0, [], TrainResult(step=0, steps_per_epoch=per_epoch, losses=[])
-    ckpt = latest_checkpoint(out_dir) if resume else None
-    if ckpt is not None:
-        state = load_checkpoint(ckpt)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        restore_rng(state["rng"], aug_gen)
-        step, losses = int(state["step"]), state["losses"].tolist()
-        result.resumed_from, result.last_checkpoint = step, ckpt
-        log.info("resumed from %s (step %d)", ckpt, step)
-
-    def save() -> None:
-        state = {
-            "model": model.state_dict(),
-            "optimizer": opt.state_dict(),
-            "scaler": scaler.state_dict(),
-            "step": step,
-            "losses": torch.tensor(losses, dtype=torch.float64),
-            "rng": capture_rng(aug_gen),
-        }
-        result.last_checkpoint = save_checkpoint(checkpoint_path(out_dir, step), state)
-        prune_checkpoints(out_dir, cfg.keep_last)
-
-    model_cfg = getattr(model, "cfg", None)
-    num_classes = cfg.num_classes or getattr(model_cfg, "num_classes", 0)
-
-    def validate() -> None:
-        metrics = evaluate_segmenter(
-            model, val_data, task, num_classes, device,
-            batch_size=cfg.batch_size, ignore_index=cfg.ignore_index,
-        )
-        result.val_metrics.append({"step": step, **metrics})
-        log.info("step %d validation: %s", step, metrics)
-
-    batches = _batch_stream(train_data, cfg, step, weights)
-    while step < total:
-        x, targets = prepare_batch(next(batches), task, device)
-        x = augment_batch(
-            x, targets, task, aug_gen, hflip=cfg.hflip,
-            flip_permutation=cfg.flip_permutation, color_jitter=cfg.color_jitter,
-        )
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-            out = model(x)
-        loss = task_loss(out, targets, task, cfg.ignore_index)
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        step += 1
-        losses.append(float(loss.detach()))
+    batches = _batch_stream(train_data, cfg, len(losses), weights)
+    while len(losses) < total:
+        losses.append(train_step(model, opt, amp, next(batches), cfg, task, device, aug_gen))
+        step = len(losses)
         if step % cfg.log_every == 0:
             log.info("step %d/%d loss %.5f", step, total, losses[-1])
         if step % cfg.checkpoint_every == 0 or step == total:
-            save()
+            result.last_checkpoint = _save(out_dir, cfg.keep_last, model, opt, amp, aug_gen, losses)
         if val_data is not None and cfg.val_every and step % cfg.val_every == 0:
-            validate()
+            result.val_metrics.append(_validate(model, val_data, cfg, task, device, step))
 
+    step = len(losses)
     if val_data is not None and (not result.val_metrics or result.val_metrics[-1]["step"] != step):
-        validate()
+        result.val_metrics.append(_validate(model, val_data, cfg, task, device, step))
     result.step, result.losses = step, losses
     return result
