@@ -15,6 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .discriminator import Discriminator, DiscriminatorConfig
+from .filecheck import check_safetensors
 from .stylegan2 import Generator, StyleGAN2Config
 
 FORMAT = "labelfoundry-stylegan2"
@@ -45,6 +46,7 @@ def save_generator(path: str | os.PathLike, G: Generator, D: Discriminator | Non
 def load_own(path: str | os.PathLike, device: str | torch.device = "cpu") -> Generator:
     """Load a generator saved by `save_generator`; `.discriminator` is set when the file has one."""
     path = Path(path)
+    check_safetensors(path)
     try:
         with safe_open(str(path), framework="pt", device=str(device)) as f:
             meta = f.metadata() or {}
