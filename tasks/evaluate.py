@@ -17,7 +17,7 @@ from labelfoundry.report import bar_png, colorize, markdown_table, save_png
 from labelfoundry.segmenters import TrainConfig
 from labelfoundry.segmenters.models import imagenet_weights_file
 
-from .common import Artifact, cached
+from .common import Artifact, cached, retry_transient
 
 
 def _train_cfg(ds: dict, seed: int) -> TrainConfig:
@@ -30,7 +30,7 @@ def _fg_bg(d: ArrayDataset) -> ArrayDataset:
     return ArrayDataset(d.images, (d.masks > 0).astype(np.uint8))
 
 
-@task(name="train-evaluate", retries=1)
+@task(name="train-evaluate", retries=1, retry_condition_fn=retry_transient)
 def train_eval_task(
     method: str, run_dir: str, store_path: str | None, manifest_hash_: str | None, inverted: Artifact,
     labeled_cfg: dict, downstream_cfg: dict, resolution: int, num_classes: int, binary: bool, seed: int, code_version: str,

@@ -13,7 +13,7 @@ from labelfoundry.inversion.optimize import InversionResult
 from labelfoundry.labelers import SUPERVISED, labeler_class
 from labelfoundry.labelers.handsoff import HandsOffConfig, HandsOffLabeler
 
-from .common import Artifact, file_hash, load_generator_cached
+from .common import Artifact, file_hash, load_generator_cached, retry_transient
 
 FG_BG_SCHEMA = {"class_names": ["background", "foreground"], "colors": [[0, 0, 0], [255, 255, 255]], "keypoint_names": []}
 
@@ -32,7 +32,7 @@ def _fit_handsoff(G, data, inv_path: Path, cfg: HandsOffConfig, schema: dict, de
     return HandsOffLabeler.fit(G, inv.ws[keep], cfg, device=device, progress=lambda d: log.info("fit %s", d), **kw)
 
 
-@task(name="fit", retries=1)
+@task(name="fit", retries=1, retry_condition_fn=retry_transient)
 def fit_task(
     run_dir: str, generator: str, generator_hash: str, inverted: Artifact, labeler_cfg: dict, code_version: str, device: str
 ) -> Artifact:

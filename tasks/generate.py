@@ -11,7 +11,7 @@ from prefect import get_run_logger, task
 import storage
 from labelfoundry.generation import generate_samples
 
-from .common import Artifact, load_generator_cached, load_labeler_cached, set_threads
+from .common import Artifact, load_generator_cached, load_labeler_cached, retry_transient, set_threads
 
 
 def dataset_path(run_dir: str, generator_hash: str, labeler: Artifact, gen_cfg: dict, seed: int, code_version: str) -> str:
@@ -41,7 +41,7 @@ def prepare_store(path: str, G, labeler, gen_cfg: dict, provenance: dict) -> sto
     )
 
 
-@task(name="generate-shards", retries=2, retry_delay_seconds=1)
+@task(name="generate-shards", retries=2, retry_condition_fn=retry_transient, retry_delay_seconds=1)
 def generate_shards_task(
     store_path: str,
     shard_indices: list[int],

@@ -42,6 +42,7 @@ __all__ = [
     "BUILTIN_MODELS",
     "UnsafeCheckpointError",
     "builtin_model_path",
+    "check_checkpoint",
     "convert_checkpoint",
     "load_generator",
     "load_nvidia_pickle",
@@ -95,6 +96,20 @@ def _check_is_file(path: Path) -> None:
         raise IsADirectoryError(f"{path}: is a directory; pass the checkpoint file inside it{hint}. Accepted: {ACCEPTED_FORMATS}")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint file; accepted: {ACCEPTED_FORMATS}")
+
+
+def check_checkpoint(path_or_name: str | os.PathLike) -> Path:
+    """Cheap checks before any loading (reads a few bytes and a zip directory, unpacks nothing): the
+    file exists, is what its extension says and is not a zip bomb. Raises with the file and the fix."""
+    path = resolve_generator_path(path_or_name)
+    suffix = path.suffix.lower()
+    if suffix == ".pkl":
+        _check_not_torch_save(path)
+    elif suffix in (".pt", ".pth"):
+        _check_torch_file(path)
+    elif suffix != ".safetensors":
+        raise ValueError(f"{path}: unknown checkpoint format {suffix or '(no extension)'!r}; accepted: {ACCEPTED_FORMATS}")
+    return path
 
 
 def load_generator(path_or_name: str | os.PathLike, device: str | torch.device = "cpu") -> Generator:
