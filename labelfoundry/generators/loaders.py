@@ -104,9 +104,9 @@ def check_checkpoint(path_or_name: str | os.PathLike) -> Path:
     path = resolve_generator_path(path_or_name)
     suffix = path.suffix.lower()
     if suffix == ".pkl":
-        _check_not_torch_save(path)
+        _check_kind(path, "pickle")
     elif suffix in (".pt", ".pth"):
-        _check_torch_file(path)
+        _check_kind(path, "torch")
     elif suffix != ".safetensors":
         raise ValueError(f"{path}: unknown checkpoint format {suffix or '(no extension)'!r}; accepted: {ACCEPTED_FORMATS}")
     return path
@@ -218,7 +218,7 @@ def load_nvidia_pickle(path: str | os.PathLike, device: str | torch.device = "cp
     generators are refused; a discriminator we cannot represent is skipped with a warning.
     """
     path = Path(path)
-    _check_not_torch_save(path)
+    _check_kind(path, "pickle")
     data = sp.load_network_pickle(path)
     if isinstance(data, (sp.PersistentStub, sp.ModuleStub)):
         raise ValueError(
@@ -417,47 +417,33 @@ class RosinalityArgs:
 _NVIDIA_MARK = b"torch_utils.persistence"
 
 
-def _check_not_torch_save(path: Path) -> None:
-    """A .pkl must be a plain pickle: name what a torch.save archive (or an empty file) really is."""
+def _check_kind(path: Path, want: str) -> None:
+    """The file is what its extension promises (`want`: "pickle" for .pkl, "torch" for .pt/.pth), or
+    an error naming what it really is and the fix. A zip is checked for its declared unpacked size
+    (a zip bomb is refused before torch inflates anything)."""
     kind = filecheck.sniff(path)
     if kind == "empty":
         raise ValueError(f"{path}: the file is empty; re-download the checkpoint")
-    if kind in ("zip", "torch-legacy"):
-        if kind == "zip":
-            filecheck.check_zip_sizes(path)
-            if _NVIDIA_MARK in (filecheck.zip_member(path, "data.pkl") or b""):
-                raise ValueError(_torch_saved_nvidia(path))
+    if kind == "zip":
+        filecheck.check_zip_sizes(path)
+        if _NVIDIA_MARK in (filecheck.zip_member(path, "data.pkl") or b""):
+            raise ValueError(
+                f"{path}: is a torch.save of an NVIDIA network object, which cannot be loaded without running "
+                "the code stored in it; give the network-snapshot-*.pkl that NVIDIA's training wrote, or save the "
+                "networks as pickle.dump({'G_ema': G_ema, 'D': D}, f) to a .pkl"
+            )
+    if kind == "safetensors":
+        raise ValueError(f"{path}: is a safetensors file, not a {want} checkpoint; rename it to .safetensors")
+    if want == "pickle" and kind in ("zip", "torch-legacy"):
         raise ValueError(
             f"{path}: is a torch.save checkpoint (e.g. rosinality stylegan2-pytorch), not an NVIDIA network "
             "pickle; rename it to .pt"
         )
-    if kind == "safetensors":
-        raise ValueError(f"{path}: is a safetensors file, not an NVIDIA network pickle; rename it to .safetensors")
-
-
-def _torch_saved_nvidia(path: Path) -> str:
-    return (f"{path}: is a torch.save of an NVIDIA network object, which cannot be loaded without running "
-            "the code stored in it; give the network-snapshot-*.pkl that NVIDIA's training wrote, or save the "
-            "networks as pickle.dump({'G_ema': G_ema, 'D': D}, f) to a .pkl")
-
-
-def _check_torch_file(path: Path) -> None:
-    """A .pt/.pth must be a torch.save archive: name what a pickle (or an empty file) really is,
-    and refuse a zip that declares more than it can honestly unpack to before torch inflates it."""
-    kind = filecheck.sniff(path)
-    if kind == "empty":
-        raise ValueError(f"{path}: the file is empty; re-download the checkpoint")
-    if kind == "pickle":
+    if want == "torch" and kind == "pickle":
         raise ValueError(
             f"{path}: is a plain pickle, not a torch.save checkpoint; if it is an NVIDIA stylegan2-ada-pytorch / "
             "stylegan3 network snapshot, rename it to .pkl"
         )
-    if kind == "safetensors":
-        raise ValueError(f"{path}: is a safetensors file, not a torch.save checkpoint; rename it to .safetensors")
-    if kind == "zip":
-        filecheck.check_zip_sizes(path)
-        if _NVIDIA_MARK in (filecheck.zip_member(path, "data.pkl") or b""):
-            raise ValueError(_torch_saved_nvidia(path))
 
 
 def _torch_load_safe(path: Path) -> Any:
@@ -468,7 +454,7 @@ def _torch_load_safe(path: Path) -> Any:
     argparse.Namespace itself or falling back to an unrestricted load. Anything else weights_only
     refuses raises `UnsafeCheckpointError`.
     """
-    _check_torch_file(path)
+    _check_kind(path, "torch")
     try:
         with torch.serialization.safe_globals([(RosinalityArgs, "argparse.Namespace")]):
             return torch.load(path, map_location="cpu", weights_only=True)
