@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import typer
 from rich.console import Console
@@ -14,6 +16,43 @@ from .env import configure_prefect_env
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="labelfoundry: a labeled-dataset factory on StyleGAN2.")
 console = Console()
+_STATE = {"debug": False}
+
+
+@app.callback()
+def _options(debug: bool = typer.Option(False, "--debug", help="show the full traceback of an error")) -> None:
+    _STATE["debug"] = debug
+
+
+def _one_message(fn: Callable) -> Callable:
+    """A failing command prints its error as one short message (the file and the fix are in it) and
+    exits 1; the full traceback only with --debug (or LABELFOUNDRY_DEBUG=1)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort, typer.BadParameter):
+            raise
+        except Exception as e:  # noqa: BLE001 - every error reaches the user as one message
+            if _STATE["debug"] or os.environ.get("LABELFOUNDRY_DEBUG", "") not in ("", "0"):
+                raise
+            text = str(e).strip()
+            if not isinstance(e, (ValueError, OSError)) or not text:
+                text = f"{type(e).__name__}: {text}" if text else type(e).__name__
+            console.print(f"error: {text}", style="red", markup=False, highlight=False, soft_wrap=True)
+            console.print("(labelfoundry --debug ... shows the full traceback)", style="dim")
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def _prefect_banner() -> None:
+    url = os.environ.get("PREFECT_API_URL")
+    if url:
+        console.print(f"[bold]labelfoundry[/bold]: reporting to the Prefect API at {url}", highlight=False)
+    else:
+        console.print("[bold]labelfoundry[/bold]: starting Prefect (local ephemeral API) ...")
 
 FULL_OVERRIDES = {
     # The headline configuration: more samples, a longer downstream schedule, 3 seeds, the unfiltered control.
@@ -71,16 +110,47 @@ def _parse_sets(sets: list[str]) -> dict:
 
 
 def _check_config(config: Optional[Path], overrides: dict) -> None:
+    """Validate the config, the generator file and the labeled folder before Prefect starts, so bad
+    input is reported in a second, as one message, rather than after Prefect's start-up."""
     from labelfoundry.config import ConfigError, load_config
 
     try:
-        load_config(config, overrides)
+        cfg = load_config(config, overrides)
     except ConfigError as e:
         console.print(str(e), style="red", markup=False)
         raise typer.Exit(2) from None
+    problems = _input_problems(cfg)
+    if problems:
+        console.print("\n".join(problems), style="red", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(2)
+
+
+def _input_problems(cfg) -> list[str]:
+    """What is wrong with the generator checkpoint and the labeled folder a config names (cheap
+    checks only: nothing is unpacked or trained)."""
+    from labelfoundry.domains.folder import LabeledDataError, LabeledFolderSpec
+    from labelfoundry.generators.loaders import check_checkpoint
+
+    problems: list[str] = []
+    try:
+        check_checkpoint(cfg.generator.name)
+    except (ValueError, OSError) as e:
+        problems.append(f"generator.name: {e}")
+    lab = cfg.labeled
+    if lab.source == "folder":
+        try:  # the generator's resolution is not known yet: sizes are checked against the minimum only
+            spec = LabeledFolderSpec(path=Path(lab.path), resolution=1, num_classes=lab.num_classes, collapse=lab.collapse)
+            found = spec.check()
+        except (ValueError, OSError) as e:
+            problems.append(f"labeled: {e}")
+        else:
+            if found:
+                problems.append(f"labeled.path: {LabeledDataError(lab.path, found)}")
+    return problems
 
 
 @app.command()
+@_one_message
 def run(
     config: Optional[Path] = typer.Argument(None, help="run config YAML; omit for the built-in demo"),
     full: bool = typer.Option(False, "--full", help="the headline configuration (10k samples, longer training)"),
@@ -93,7 +163,7 @@ def run(
     _check_config(config, overrides)
     configure_prefect_env()
     t0 = time.time()
-    console.print("[bold]labelfoundry[/bold]: starting Prefect (local ephemeral API) ...")
+    _prefect_banner()
     from .factory import factory
 
     summary = factory(config=str(config) if config else None, overrides=overrides)
@@ -109,6 +179,7 @@ def run(
 
 
 @app.command()
+@_one_message
 def longtail(
     config: Optional[Path] = typer.Argument(None, help="run config YAML; omit for the built-in demo"),
     cls: str = typer.Option("glasses", "--cls", help="the rare class (toy faces: glasses or hat)"),
@@ -132,7 +203,7 @@ def longtail(
                                                      "downstream": {"oversample": {cls: oversample} if oversample is not None else {}}}))
     configure_prefect_env()
     t0 = time.time()
-    console.print("[bold]labelfoundry[/bold]: starting Prefect (local ephemeral API) ...")
+    _prefect_banner()
     from .longtail import longtail as longtail_flow
 
     result = longtail_flow(config=str(config) if config else None, overrides=overrides, cls=cls, mode=mode, ks=k_list,
@@ -143,6 +214,7 @@ def longtail(
 
 
 @app.command()
+@_one_message
 def generate(
     config: Optional[Path] = typer.Argument(None, help="run config YAML; omit for the built-in demo"),
     num_samples: Optional[int] = typer.Option(None, help="override generate.num_samples"),
@@ -158,6 +230,7 @@ def generate(
 
 
 @app.command()
+@_one_message
 def verify(path: str = typer.Argument(..., help="dataset directory or fsspec URL")) -> None:
     """Re-read every committed shard and check it against the manifest checksums."""
     import storage
@@ -168,6 +241,7 @@ def verify(path: str = typer.Argument(..., help="dataset directory or fsspec URL
 
 
 @app.command()
+@_one_message
 def show(
     path: str = typer.Argument(..., help="dataset directory or fsspec URL"),
     out: Path = typer.Option(Path("dataset-grid.png"), help="where to write the sample grid"),
@@ -188,6 +262,7 @@ def show(
 
 
 @app.command()
+@_one_message
 def sample(
     generator: str = typer.Argument("toyfaces-64", help="built-in name or checkpoint path"),
     n: int = typer.Option(64, "--n", help="number of samples"),
@@ -217,6 +292,7 @@ def sample(
 
 
 @app.command("train-generator")
+@_one_message
 def train_generator_cmd(
     out: Path = typer.Option(Path("training/toyfaces-64"), help="training directory (checkpoint.pt resumes exactly)"),
     kimg: float = typer.Option(200.0, help="thousands of real images to show D"),
@@ -250,6 +326,7 @@ def train_generator_cmd(
 
 
 @app.command()
+@_one_message
 def convert(src: Path, dst: Path) -> None:
     """Convert an NVIDIA .pkl / rosinality .pt checkpoint to our safetensors format (never runs code from it)."""
     from labelfoundry.generators.loaders import convert_checkpoint

@@ -22,7 +22,7 @@ from tasks.filter import filter_task
 from tasks.fit import fit_task
 from tasks.generate import dataset_path, generate_shards_task, prepare_store
 from tasks.invert import invert_task
-from tasks.report import report_task
+from tasks.report import publish_dataset_report, report_task
 
 from .runners import make_task_runner
 
@@ -110,6 +110,7 @@ def factory(config: str | None = None, overrides: dict | None = None, stop_after
             filtered = cached(filter_task, run_dir, refresh=True)(**filt_args)
         counts, fh = filtered["counts"], filtered["flags_hash"]
         report = cached(report_task, run_dir)(run_dir=str(run_dir), store_path=store_path, manifest_hash_=mh + fh, counts=counts, code_version=cv)
+        publish_dataset_report(report, counts)  # here, not in the cached task: a cache hit shows them too
         summary.update({"dataset": store_path, "filter": counts, "report": report})
         if stop_after != "filter" and cfg.downstream.enabled:
             from tasks.evaluate import evaluate_stage

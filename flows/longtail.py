@@ -17,7 +17,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from labelfoundry.config import deep_merge, load_config
 from labelfoundry.evaluation import longtail_metrics
-from labelfoundry.report import markdown_table, sweep_png
+from labelfoundry.report import fmt_number, inline_images, markdown_table, round_record, sweep_png
 
 from .factory import factory
 
@@ -142,20 +142,19 @@ def write_report(result: dict, run_root: Path, num_images: int) -> dict[str, Pat
              "generated sample shows it; the run's log says so)." if result["oversample"] is not None else ""),
           "", table, ""]
     if orc:
-        md += [f"oracle ({orc['train_samples']} real labels): long-tail IoU {_fmt(orc['long_tail_iou'])}, "
-               f"non-long-tail mIoU {_fmt(orc['non_long_tail_miou'])}, overall mIoU {_fmt(orc['miou'])}", ""]
+        md += [f"oracle ({orc['train_samples']} real labels): long-tail IoU {fmt_number(orc['long_tail_iou'])}, "
+               f"non-long-tail mIoU {fmt_number(orc['non_long_tail_miou'])}, overall mIoU {fmt_number(orc['miou'])}", ""]
     md += [markdown_table(["k", "labeled images", f"generated samples showing {cls}"],
                           [[s["k"], s["num_labeled"], s["generated_share"]] for s in result["settings"]]), "",
-           f"![long tail]({png.resolve().as_uri()})", ""]
+           f"![long tail]({png.name})", ""]
     md_path = stem.with_suffix(".md")
     md_path.write_text("\n".join(md))
-    create_markdown_artifact("\n".join(md), key=f"longtail-{_key(cls)}-{mode}", description=f"long-tail sweep: {cls}, {mode}")
-    create_table_artifact([{k: r[k] for k in ("k", "method", *METRICS)} for r in result["rows"]], key=f"longtail-table-{_key(cls)}-{mode}")
+    create_markdown_artifact(inline_images("\n".join(md), stem.parent), key=f"longtail-{_key(cls)}-{mode}",
+                             description=f"long-tail sweep: {cls}, {mode}")
+    create_table_artifact([round_record({k: r[k] for k in ("k", "method", *METRICS)}) for r in result["rows"]],
+                          key=f"longtail-table-{_key(cls)}-{mode}",
+                          description=f"{', '.join(METRICS.values())} per k and method (long tail: {cls}, {mode})")
     return {"json": json_path, "md": md_path, "png": png}
-
-
-def _fmt(v: float | None) -> str:
-    return "—" if v is None else f"{v:.3f}"
 
 
 def _key(s: str) -> str:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import base64
+import io
+import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -98,13 +102,77 @@ def bar_png(names: list[str], series: dict[str, list[float]], path: str | Path, 
     return path
 
 
-def markdown_table(header: list[str], rows: list[list]) -> str:
-    def fmt(v):
-        return f"{v:.3f}" if isinstance(v, float) else ("—" if v is None else str(v))
+def fmt_number(v) -> str:
+    """A number for people: 3 decimals, but a small non-zero value in scientific notation (a rare
+    class's mean pixel fraction is 3.1e-04, not "0.000"); None / NaN as "—"."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "—"
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (float, np.floating)):
+        return str(v)
+    v = float(v)
+    if v == 0:
+        return "0"
+    return f"{v:.1e}" if abs(v) < 0.01 else f"{v:.3f}"
 
+
+def round_record(record: dict, digits: int = 4) -> dict:
+    """Floats of a table-artifact row rounded to `digits` significant digits (other values kept)."""
+    out = {}
+    for k, v in record.items():
+        if isinstance(v, (float, np.floating)) and math.isfinite(float(v)):
+            v = float(f"{float(v):.{digits}g}")
+        elif isinstance(v, (float, np.floating)):
+            v = None
+        out[k] = v
+    return out
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows]
+    lines += ["| " + " | ".join(fmt_number(v) for v in r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+_IMAGE_LINK = re.compile(r"!\[([^\]]*)\]\(([^)\s]+)\)")
+
+
+def image_data_uri(path: str | Path, max_side: int = 768, max_bytes: int = 150_000) -> str:
+    """A PNG (or, when that is too large, JPEG) data URI of the image, downscaled so its longer side
+    is at most `max_side` and its encoding at most ~`max_bytes`: browsers refuse file:// links in a
+    web page, and the file may live on another machine (a worker pod)."""
+    im = Image.open(path)
+    im.load()
+    im = im.convert("RGB")
+    if max(im.size) > max_side:
+        im.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+    while True:
+        buf = io.BytesIO()
+        im.save(buf, format="PNG", optimize=True)
+        if buf.tell() <= max_bytes:
+            return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+        for quality in (85, 70, 50):
+            buf = io.BytesIO()
+            im.save(buf, format="JPEG", quality=quality)
+            if buf.tell() <= max_bytes:
+                return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+        im.thumbnail((max(1, im.size[0] * 3 // 4), max(1, im.size[1] * 3 // 4)), Image.Resampling.LANCZOS)
+
+
+def inline_images(markdown: str, base_dir: str | Path) -> str:
+    """The markdown with every relative image link (``![alt](x.png)``, relative to `base_dir`)
+    replaced by a data URI: the form a Prefect artifact shows in the UI. Links that are already
+    URLs or data URIs are kept; a missing file keeps its text and says so."""
+
+    def sub(m: re.Match) -> str:
+        alt, target = m.group(1), m.group(2)
+        if ":" in target.split("/")[0]:  # http:, https:, data:
+            return m.group(0)
+        path = Path(base_dir) / target
+        if not path.is_file():
+            return f"*({alt}: {target} is missing)*"
+        return f"![{alt}]({image_data_uri(path)})"
+
+    return _IMAGE_LINK.sub(sub, markdown)
 
 
 def sweep_png(

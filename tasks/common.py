@@ -4,8 +4,10 @@ and a per-process model cache so threads/workers load each checkpoint once."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import hashlib
+import pickle
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -55,6 +57,29 @@ class LabelerArtifact(Artifact):
     @property
     def label_dtype(self) -> str:
         return "uint8" if self.task == "segmentation" else "float16"
+# Errors a retry cannot change: bad input or code (the same call fails the same way) and a full,
+# over-quota or read-only disk (nothing frees space between retries seconds apart).
+PERMANENT_ERRORS = (ValueError, TypeError, LookupError, pickle.UnpicklingError, FileNotFoundError,
+                    IsADirectoryError, NotADirectoryError, PermissionError)
+PERMANENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+
+
+def is_permanent(exc: BaseException) -> bool:
+    """True when retrying the same call cannot succeed (see PERMANENT_ERRORS)."""
+    if isinstance(exc, PERMANENT_ERRORS):
+        return True
+    return isinstance(exc, OSError) and exc.errno in PERMANENT_ERRNOS
+
+
+def retry_transient(task, task_run, state) -> bool:
+    """`retry_condition_fn` for every stage task: retry only errors that a retry could fix."""
+    exc = state.data if isinstance(state.data, BaseException) else None
+    if exc is None:
+        try:
+            exc = state.result(raise_on_failure=False)
+        except Exception:  # noqa: BLE001 - result unreadable: keep Prefect's default (retry)
+            return True
+    return not (isinstance(exc, BaseException) and is_permanent(exc))
 
 
 def file_hash(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -20,11 +20,11 @@ from labelfoundry.evaluation import (
     toyfaces_split,
     train_and_evaluate,
 )
-from labelfoundry.report import bar_png, colorize, markdown_table, save_png
+from labelfoundry.report import bar_png, colorize, inline_images, markdown_table, round_record, save_png
 from labelfoundry.segmenters import TrainConfig
 from labelfoundry.segmenters.models import imagenet_weights_file
 
-from .common import Artifact, cached, torch_threads
+from .common import Artifact, cached, retry_transient, torch_threads
 
 
 def _train_cfg(ds: dict, seed: int) -> TrainConfig:
@@ -37,7 +37,7 @@ def _fg_bg(d: ArrayDataset) -> ArrayDataset:
     return ArrayDataset(d.images, (d.masks > 0).astype(np.uint8))
 
 
-@task(name="train-evaluate", retries=1)
+@task(name="train-evaluate", retries=1, retry_condition_fn=retry_transient)
 def train_eval_task(
     method: str, run_dir: str, store_path: str | None, manifest_hash_: str | None, inverted: Artifact,
     labeled_cfg: dict, downstream_cfg: dict, resolution: int, num_classes: int, binary: bool, seed: int, code_version: str,
@@ -161,11 +161,14 @@ def evaluate_stage(cfg, run_dir: Path, inverted: Artifact, store_path: str, mh: 
     examples = prediction_examples(results, R, binary, schema, run_dir / "report" / "predictions.png")
     if examples is not None:
         md += ["", f"Predictions on real test images (rows: image, ground truth, {', '.join(r for r in results if 'examples' in results[r])}):",
-               "", f"![predictions]({examples.resolve().as_uri()})"]
+               "", f"![predictions]({examples.name})"]
     (run_dir / "report" / "evaluation.md").write_text("\n".join(md))
-    create_markdown_artifact("\n".join(md), key="evaluation-report", description="downstream mIoU vs baselines")
-    create_table_artifact([{"method": m, "miou": r["miou"], "miou_std": r["miou_std"]} for m, r in results.items()],
-                          key="evaluation-table")
+    create_markdown_artifact(inline_images("\n".join(md), run_dir / "report"), key="evaluation-report",
+                             description="downstream mIoU vs baselines")
+    create_table_artifact([round_record({"method": m, "miou": r["miou"], "miou_std": r["miou_std"],
+                                         "train_samples": r["train_samples"]}) for m, r in results.items()],
+                          key="evaluation-table",
+                          description=f"mIoU (mean and std over seeds) on {cfg.downstream.test_images} real test images, per training method")
     return out
 
 
@@ -189,7 +192,7 @@ def evaluation_markdown(out: dict, ds, run_dir: Path) -> list[str]:
     p = bar_png(names, per_class, run_dir / "report" / "per-class-iou.png", "per-class IoU on real test images", "IoU")
     table = [[c, *[mean_std_text(r["per_class_iou"][i], r["per_class_iou_std"][i]) for r in results.values()]]
              for i, c in enumerate(names)]
-    md += [f"![per-class IoU]({p.resolve().as_uri()})", "", markdown_table(["class", *results], table)]
+    md += [f"![per-class IoU]({p.name})", "", markdown_table(["class", *results], table)]
     if any(v is None for r in results.values() for v in r["per_class_iou"]):
         md += ["", "—: IoU undefined, the class is in neither the test labels nor the predictions"]
     return md

@@ -11,7 +11,7 @@ from prefect import get_run_logger, task
 from labelfoundry.inversion.optimize import InversionResult
 from labelfoundry.labelers import FG_BG_SCHEMA, REGISTRY, FitData, labeler_class
 
-from .common import Artifact, LabelerArtifact, file_hash, load_networks_cached
+from .common import Artifact, LabelerArtifact, file_hash, load_networks_cached, retry_transient
 
 
 def fit_data(inverted: Artifact, method: str, discriminator=None, log=None) -> FitData:
@@ -40,7 +40,7 @@ def fit_data(inverted: Artifact, method: str, discriminator=None, log=None) -> F
     return data.subset(keep) if not keep.all() else data
 
 
-@task(name="fit", retries=1)
+@task(name="fit", retries=1, retry_condition_fn=retry_transient)
 def fit_task(
     run_dir: str, generator: str, generator_hash: str, inverted: Artifact, labeler_cfg, code_version: str, device: str
 ) -> LabelerArtifact:

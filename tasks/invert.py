@@ -13,10 +13,10 @@ from labelfoundry.domains import check_for_inversion, load_labeled
 from labelfoundry.inversion.optimize import InversionConfig, invert
 from labelfoundry.report import save_png
 
-from .common import Artifact, file_hash, load_generator_cached
+from .common import Artifact, file_hash, load_generator_cached, retry_transient
 
 
-@task(name="invert", retries=1)
+@task(name="invert", retries=1, retry_condition_fn=retry_transient)
 def invert_task(
     run_dir: str, generator: str, generator_hash: str, labeled_cfg: LabeledSection, inversion_cfg: InversionConfig | None,
     code_version: str, device: str,

@@ -1,5 +1,9 @@
 """Stage 5: the run report — sample grid, uncertainty histogram, per-class counts — as PNG files in
-the run directory and as Prefect artifacts in the UI."""
+the run directory and as Prefect artifacts in the UI.
+
+The markdown on disk links its PNGs by relative path (it opens in any viewer, from any machine);
+the artifacts embed them as data URIs (a browser refuses file:// links). The flow, not the cached
+task, creates the artifacts, so a cached re-run shows them too."""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 import storage
-from labelfoundry.report import histogram_png, markdown_table, samples_grid, save_png
+from labelfoundry.report import histogram_png, inline_images, markdown_table, round_record, samples_grid, save_png
 
 
 def dataset_report(store_path: str, out_dir: Path, counts: dict, max_rows: int = 8) -> str:
@@ -27,10 +31,10 @@ def dataset_report(store_path: str, out_dir: Path, counts: dict, max_rows: int =
             continue
         grid = samples_grid([store.read_sample(int(i)) for i in rows["sample_id"]], schema["colors"])
         p = save_png(grid, out_dir / f"samples-{name}.png")
-        lines += [f"## {name} samples (image | label | overlay | uncertainty)", f"![{name}]({p.resolve().as_uri()})", ""]
+        lines += [f"## {name} samples (image | label | overlay | uncertainty)", f"![{name}]({p.name})", ""]
     cut = float(kept["score"].max()) if len(dropped) else None
     h = histogram_png(m["score"].to_numpy(), out_dir / "uncertainty-hist.png", "image uncertainty (JS, summed)", cut)
-    lines += ["## Uncertainty", f"![histogram]({h.resolve().as_uri()})", ""]
+    lines += ["## Uncertainty", f"![histogram]({h.name})", ""]
     rows = []
     for cls in schema["class_names"]:
         col = f"frac_{cls}"
@@ -46,7 +50,13 @@ def dataset_report(store_path: str, out_dir: Path, counts: dict, max_rows: int =
 @task(name="report")
 def report_task(run_dir: str, store_path: str, manifest_hash_: str, counts: dict, code_version: str) -> str:
     out = Path(run_dir) / "report"
-    md = dataset_report(store_path, out, counts)
-    create_markdown_artifact(md, key="dataset-report", description="generated dataset: samples, uncertainty, classes")
-    create_table_artifact([counts], key="filter-counts", description="samples kept / dropped by the filter")
+    dataset_report(store_path, out, counts)
     return str(out / "dataset.md")
+
+
+def publish_dataset_report(md_path: str, counts: dict) -> None:
+    """The `dataset-report` and `filter-counts` artifacts of this run (call from the flow)."""
+    md = Path(md_path)
+    create_markdown_artifact(inline_images(md.read_text(), md.parent), key="dataset-report",
+                             description="generated dataset: samples, uncertainty, classes")
+    create_table_artifact([round_record(counts)], key="filter-counts", description="samples kept / dropped by the filter")

@@ -160,8 +160,10 @@ def test_16bit_mask_ids(tmp_path):
     arr = np.full((H, W), 300, np.uint16)
     arr[:, :20] = 2
     save(tmp_path / "masks" / "a.png", Image.fromarray(arr))
-    s = read_labeled_folder(tmp_path, resolution=R)[0]
-    assert set(np.unique(s.mask)) == {2, 300}
+    y = tmp_path / "map.yaml"  # ids above 254 need a mapping (labels are uint8)
+    y.write_text("name: m\nclasses:\n  - {name: bg, ids: [0]}\n  - {name: a, ids: [2]}\n  - {name: b, ids: [300]}\n")
+    s = read_labeled_folder(tmp_path, resolution=R, collapse=str(y))[0]
+    assert set(np.unique(s.mask)) == {1, 2}
 
 
 def test_colour_mask_through_palette(tmp_path):
@@ -345,9 +347,10 @@ def test_image_without_mask_names_both_files(tmp_path):
     save(tmp_path / "images" / "b.png", rgb_image())
     save(tmp_path / "masks" / "img_b.png", id_mask(stripes()))
     err = error_of(tmp_path)
-    assert len(err.problems) == 1
+    assert len(err.problems) == 2  # the image without its mask, and the mask without its image
     msg = str(err)
     assert "images/b.png" in msg and "masks/b.png" in msg and "'img_b.png'" in msg
+    assert "masks/img_b.png: no images/img_b.* for this mask file" in msg
 
 
 def test_masks_expected_when_num_classes_given(tmp_path):
@@ -425,8 +428,8 @@ def test_many_problems_are_truncated(tmp_path):
         save(tmp_path / "images" / f"{i:02d}.png", rgb_image())
     save(tmp_path / "masks" / "zz.png", id_mask(stripes()))
     err = error_of(tmp_path)
-    assert len(err.problems) == 25
-    assert str(err).splitlines()[-1] == "  ... and 5 more"
+    assert len(err.problems) == 26  # 25 images without a mask, 1 mask without an image
+    assert str(err).splitlines()[-1] == "  ... and 6 more"
 
 
 def test_validation_happens_before_any_sample_is_built(tmp_path, monkeypatch):
@@ -594,3 +597,89 @@ def test_exif_rotation_applied_before_size_checks(tmp_path):
     assert s.meta["original_size"] == (W, H)
     # the stored top rows end up on the right after rotation, and the 5-column band is cropped away
     assert s.image.max() < 40
+
+
+# ----------------------------------------------------------------------------- hostile input
+
+
+def test_fifo_named_like_an_image_is_refused_unopened(tmp_path, monkeypatch):
+    import os
+
+    make_basic(tmp_path, ids=("b",))
+    os.mkfifo(tmp_path / "images" / "a.png")  # opening it for reading would block forever
+    opened: list[str] = []
+    real_open = folder_mod.Image.open
+
+    def spy(fp, *a, **kw):
+        opened.append(str(fp))
+        if Path(fp).name == "a.png":
+            raise AssertionError("the FIFO was opened")
+        return real_open(fp, *a, **kw)
+
+    monkeypatch.setattr(folder_mod.Image, "open", spy)
+    err = error_of(tmp_path)
+    assert "images/a.png: not a regular file" in str(err)
+    assert not any(o.endswith("a.png") for o in opened)
+
+
+def test_mask_without_image_is_named(tmp_path):
+    make_basic(tmp_path, ids=("a",))
+    save(tmp_path / "masks" / "zzz.png", id_mask(stripes()))
+    err = error_of(tmp_path)
+    assert len(err.problems) == 1
+    assert "masks/zzz.png: no images/zzz.* for this mask file" in str(err)
+
+
+@pytest.mark.parametrize("size", [(1, 1), (3, 40)])
+def test_tiny_image_is_refused(tmp_path, size):
+    save(tmp_path / "images" / "t.png", rgb_image(size=size))
+    err = error_of(tmp_path)
+    assert "images/t.png" in str(err) and "below the minimum" in str(err)
+    # 1/MAX_UPSCALE of a large output resolution is required too
+    save(tmp_path / "images" / "t.png", rgb_image(size=(20, 20)))
+    assert read_labeled_folder(tmp_path, resolution=R)[0].image.shape == (R, R, 3)
+    err = error_of(tmp_path, resolution=256)
+    assert "minimum of 32 px" in str(err)
+
+
+def test_16bit_mask_ids_above_uint8_refused_up_front(tmp_path):
+    save(tmp_path / "images" / "a.png", rgb_image())
+    m = stripes().astype(np.uint16)
+    m[0, 0] = 300
+    save(tmp_path / "masks" / "a.png", Image.fromarray(m))
+    for kw in ({}, {"num_classes": 255}):
+        msg = str(error_of(tmp_path, **kw))
+        assert "masks/a.png" in msg and "id 300 is above 254" in msg and "collapse=" in msg
+
+
+def test_large_ids_without_mapping_refused(tmp_path):
+    save(tmp_path / "images" / "a.png", rgb_image())
+    m = stripes()
+    m[0, 0] = 200
+    save(tmp_path / "masks" / "a.png", id_mask(m))
+    msg = str(error_of(tmp_path))
+    assert "masks/a.png" in msg and "class count would be 201" in msg and "num_classes=" in msg
+    with pytest.raises(ValueError, match="less than or equal to 255"):
+        read_labeled_folder(tmp_path, resolution=R, num_classes=256)
+
+
+def _png_bomb(path: Path, side: int) -> None:
+    """A few hundred bytes that declare a side x side 8-bit grey PNG (never fully decodable)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    idat = zlib.compress(b"\0" * 1024)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("side", [100_000, 12_000])  # over 2x PIL's limit (its error) and between 1x and 2x
+def test_decompression_bomb_says_what_it_is(tmp_path, side):
+    _png_bomb(tmp_path / "images" / "bomb.png", side)
+    msg = str(error_of(tmp_path))
+    assert "images/bomb.png" in msg and "decompression-bomb" in msg.replace("decompression bomb", "decompression-bomb")
+    assert "truncated or corrupt" not in msg and "downscale" in msg

@@ -32,6 +32,15 @@ What is expected: masks when ``masks/`` exists or any of num_classes / collapse 
 given; keypoints when ``keypoints/`` or ``keypoints.csv`` exists; depth when ``depth/`` exists.
 ``masks=`` / ``keypoints=`` / ``depth=`` True requires them, False ignores them. ``limit`` keeps
 the first N ids in sorted (string) order.
+
+Refused up front, each as a problem naming the file: anything in images/ masks/ depth/ keypoints/
+that is not a regular file (a FIFO or device would block or stream forever; it is never opened);
+a mask, depth or keypoint file whose id has no image; an image whose shorter side is below
+``MIN_IMAGE_SIDE`` pixels or below ``resolution / MAX_UPSCALE`` (it would be blown up into a blur);
+an image over ``MAX_IMAGE_PIXELS`` pixels (a decompression bomb, refused from its header);
+mask ids >= 255 after collapse (labels are stored as uint8 and 255 is the ignore index); and,
+without ``num_classes`` or ``collapse``, mask ids >= ``MAX_CLASSES_WITHOUT_MAPPING`` (the class
+count is max id + 1, so a stray 200 or 255 would silently create hundreds of classes).
 """
 
 from __future__ import annotations
@@ -39,6 +48,8 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +64,11 @@ from .collapse import IGNORE_INDEX, ClassCollapse, UnmappedIdsError, load_collap
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg")
 MAX_LISTED_PROBLEMS = 20
+MIN_IMAGE_SIDE = 4  # pixels; the shorter side of every image must reach it
+MAX_UPSCALE = 8  # ... and also resolution / MAX_UPSCALE
+MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485  # PIL's own bomb threshold (~89.5 Mpx)
+MAX_CLASSES_WITHOUT_MAPPING = 64  # largest class count inferred from mask ids alone
+MAX_CLASS_ID = IGNORE_INDEX - 1  # 254: labels are uint8 and 255 means "ignore"
 Color = tuple[int, int, int]
 _SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I")
 
@@ -121,7 +137,7 @@ class LabeledFolderSpec(BaseModel):
 
     path: Path
     resolution: int = Field(gt=0)
-    num_classes: int | None = Field(default=None, gt=0)
+    num_classes: int | None = Field(default=None, gt=0, le=MAX_CLASS_ID + 1)  # labels are uint8, 255 = ignore
     collapse: str | None = None  # preset name or YAML path, see domains.collapse
     palette: dict[Color, int] | None = None  # colour -> ORIGINAL id (before collapse)
     masks: bool | None = None
@@ -242,6 +258,10 @@ def _list_dir(plan: _Plan, sub: str, exts: tuple[str, ...], fix_type: str) -> di
     for p in sorted(d.iterdir()):
         if p.name.startswith(".") or p.is_dir():
             continue
+        if not p.is_file():  # FIFO, socket, device, dangling link: opening it could block forever
+            plan.problems.append(Problem(plan.rel(p), "not a regular file (a FIFO, socket, device or broken link)",
+                                         f"replace it with a regular file or remove it from {sub}/"))
+            continue
         if p.suffix.lower() not in exts:
             plan.problems.append(Problem(plan.rel(p), f"unsupported file type {p.suffix or '(none)'!r}", fix_type))
             continue
@@ -320,6 +340,9 @@ def _pair(plan: _Plan, sub: str, exts: tuple[str, ...], all_ids: set[str], attr:
         plan.problems.append(Problem(f"{sub}/", "folder is empty", f"add {sub}/<id>{exts[0]} per image, {opt_out}"))
         return
     hint = _orphan_hint(files, all_ids, sub)
+    for stem in sorted(set(files) - all_ids):
+        plan.problems.append(Problem(plan.rel(files[stem]), f"no images/{stem}.* for this {attr} file",
+                                     f"add the image, rename the file to its image's stem, or remove it"))
     for e in plan.entries:
         if e.sample_id in files:
             setattr(e, attr, files[e.sample_id])
@@ -502,15 +525,37 @@ def _check_keypoint_consistency(plan: _Plan) -> list[Problem]:
 # --------------------------------------------------------------------------- decoding
 
 
+def _bomb(size: tuple[int, int]) -> _Bad:
+    return _Bad(f"declares {_size_text(size)} = {size[0] * size[1]:,} pixels, over the limit of "
+                f"{MAX_IMAGE_PIXELS:,} (a decompression bomb, or a far too large image); it was not decoded",
+                "downscale it (labeled images are resized to the generator's resolution anyway)")
+
+
 def _open(path: Path) -> Image.Image:
-    """Fully decode an image file (truncation shows up here), with EXIF rotation applied."""
+    """Fully decode an image file (truncation shows up here), with EXIF rotation applied. The size
+    in the header is checked before decoding, so a decompression bomb is refused unread."""
+    if not path.is_file():
+        raise _Bad("not a regular file (a FIFO, socket, device or broken link)", "replace it with a regular file")
     try:
-        with Image.open(path) as im:
+        with warnings.catch_warnings():  # sizes between 1x and 2x PIL's limit: refused below, not warned
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path)
+        with im:
+            if im.size[0] * im.size[1] > MAX_IMAGE_PIXELS:
+                raise _bomb(im.size)
             im.load()
             out = ImageOps.exif_transpose(im)
             out.load()
             return out
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError as e:  # PIL's own check in Image.open (header size)
+        m = re.search(r"\((\d+) pixels\)", str(e))
+        raise _Bad(f"{m.group(1) + ' pixels' if m else 'image size'} exceeds the decompression-bomb limit "
+                   f"of {MAX_IMAGE_PIXELS:,} pixels; it was not decoded",
+                   "downscale it (labeled images are resized to the generator's resolution anyway)") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        if "Decompressed Data Too Large" in str(e):  # a PNG text/ICC chunk that inflates without bound
+            raise _Bad("a metadata chunk decompresses to more than PIL's limit (a decompression bomb)",
+                       "re-save the image without its metadata (e.g. PIL: Image.open(f).save(g))") from None
         raise _Bad(f"cannot be decoded ({type(e).__name__}: {e})",
                    "the file is truncated or corrupt; re-export or re-download it") from None
 
@@ -579,8 +624,18 @@ def _mask_classes(plan: _Plan, im: Image.Image) -> np.ndarray:
         except UnmappedIdsError as e:
             raise _Bad(f"{_ids_are(e.ids)} not in collapse mapping {plan.collapse.name!r}",
                        "fix the mask, or add the ids to the mapping (a class or its ignore list)") from None
+    allowed_ignore = plan.collapse is not None and plan.collapse.has_ignore
+    big = [int(v) for v in np.unique(ids) if v > MAX_CLASS_ID and not (allowed_ignore and v == IGNORE_INDEX)]
+    if big:
+        raise _Bad(f"{_ids_are(big)} above {MAX_CLASS_ID} (labels are stored as uint8 and 255 means 'ignore')",
+                   "map the ids to 0..N-1 with collapse= (a YAML mapping; put void ids on its ignore list)")
+    if plan.num_classes is None and plan.collapse is None:
+        over = [int(v) for v in np.unique(ids) if v >= MAX_CLASSES_WITHOUT_MAPPING]
+        if over:
+            raise _Bad(f"{_ids_are(over)} >= {MAX_CLASSES_WITHOUT_MAPPING} with neither num_classes nor collapse "
+                       f"given: the class count would be {max(over) + 1}",
+                       "pass num_classes= (ids at or above it are refused) or map the ids with collapse=")
     if plan.num_classes is not None:
-        allowed_ignore = plan.collapse is not None and plan.collapse.has_ignore
         vals = np.unique(ids)
         bad = [int(v) for v in vals if (v < 0 or v >= plan.num_classes) and not (allowed_ignore and v == IGNORE_INDEX)]
         if bad:
@@ -680,6 +735,11 @@ def _validate_entry(plan: _Plan, e: _Entry) -> list[Problem]:
     img_file = plan.rel(e.image)
     try:
         size = _open(e.image).size
+        need = max(MIN_IMAGE_SIDE, math.ceil(plan.spec.resolution / MAX_UPSCALE))
+        if min(size) < need:
+            raise _Bad(f"is {_size_text(size)}: its shorter side is below the minimum of {need} px "
+                       f"(at least {MIN_IMAGE_SIDE} px and 1/{MAX_UPSCALE} of the {plan.spec.resolution} px output)",
+                       "use the full-size image (it is cropped and resized to the generator's resolution) or remove it")
     except _Bad as b:
         probs.append(Problem(img_file, b.problem, b.fix))
         size = None

@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 
 from ..atomic import atomic_path
 from .discriminator import Discriminator, DiscriminatorConfig
+from .filecheck import check_safetensors
 from .stylegan2 import Generator, StyleGAN2Config
 
 FORMAT = "labelfoundry-stylegan2"
@@ -54,6 +55,7 @@ def save_generator(path: str | os.PathLike, G: Generator, D: Discriminator | Non
 def load_own(path: str | os.PathLike, device: str | torch.device = "cpu") -> Networks:
     """Load the networks saved by `save_generator` (D is None when the file has none)."""
     path = Path(path)
+    check_safetensors(path)
     try:
         with safe_open(str(path), framework="pt", device=str(device)) as f:
             meta = f.metadata() or {}

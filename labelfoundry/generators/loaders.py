@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from . import filecheck
 from . import safe_pickle as sp
 from .discriminator import Discriminator, DiscriminatorConfig
 from .io import Networks, load_own, save_generator
@@ -42,6 +43,7 @@ __all__ = [
     "BUILTIN_MODELS",
     "UnsafeCheckpointError",
     "builtin_model_path",
+    "check_checkpoint",
     "convert_checkpoint",
     "load_generator",
     "load_networks",
@@ -83,8 +85,32 @@ def resolve_generator_path(path_or_name: str | os.PathLike) -> Path:
     if name in BUILTIN_MODELS:
         return builtin_model_path(name)
     path = Path(path_or_name).expanduser()
+    _check_is_file(path)
+    if path.suffix.lower() == ".safetensors":  # the hash of a file reads its header: check it first
+        filecheck.check_safetensors(path)
+    return path
+
+
+def _check_is_file(path: Path) -> None:
+    if path.is_dir():
+        inside = sorted(p.name for p in path.iterdir() if p.suffix.lower() in (".pkl", ".pt", ".pth", ".safetensors"))
+        hint = f" (it holds {', '.join(inside[:3])}{', ...' if len(inside) > 3 else ''})" if inside else ""
+        raise IsADirectoryError(f"{path}: is a directory; pass the checkpoint file inside it{hint}. Accepted: {ACCEPTED_FORMATS}")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint file; accepted: {ACCEPTED_FORMATS}")
+
+
+def check_checkpoint(path_or_name: str | os.PathLike) -> Path:
+    """Cheap checks before any loading (reads a few bytes and a zip directory, unpacks nothing): the
+    file exists, is what its extension says and is not a zip bomb. Raises with the file and the fix."""
+    path = resolve_generator_path(path_or_name)
+    suffix = path.suffix.lower()
+    if suffix == ".pkl":
+        _check_kind(path, "pickle")
+    elif suffix in (".pt", ".pth"):
+        _check_kind(path, "torch")
+    elif suffix != ".safetensors":
+        raise ValueError(f"{path}: unknown checkpoint format {suffix or '(no extension)'!r}; accepted: {ACCEPTED_FORMATS}")
     return path
 
 
@@ -103,6 +129,8 @@ def load_networks(path_or_name: str | os.PathLike, device: str | torch.device = 
     if name in BUILTIN_MODELS:
         return load_own(builtin_model_path(name), device=device)
     path = Path(path_or_name).expanduser()
+    if path.is_dir():
+        _check_is_file(path)
     suffix = path.suffix.lower()
     loader = {".safetensors": None, ".pkl": load_nvidia_pickle, ".pt": load_rosinality, ".pth": load_rosinality}
     if suffix not in loader:
@@ -196,12 +224,26 @@ def load_nvidia_pickle(path: str | os.PathLike, device: str | torch.device = "cp
     generators are refused; a discriminator we cannot represent is skipped with a warning.
     """
     path = Path(path)
+    _check_kind(path, "pickle")
     data = sp.load_network_pickle(path)
+    if isinstance(data, (sp.PersistentStub, sp.ModuleStub)):
+        raise ValueError(
+            f"{path}: holds a single pickled network ({data.class_name.rsplit('.', 1)[-1]}), not an NVIDIA "
+            "network snapshot; give the network-snapshot-*.pkl that training wrote, or save the networks as "
+            "pickle.dump({'G_ema': G_ema, 'D': D}, f)"
+        )
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected an NVIDIA network pickle (a dict with 'G_ema'/'G'/'D'), got {type(data).__name__}")
+        raise ValueError(f"{path}: expected an NVIDIA network pickle (a dict with 'G_ema'/'G'/'D'), got a "
+                         f"{'list' if isinstance(data, list) else 'value'}; give the network-snapshot-*.pkl that training wrote")
     key = "G_ema" if data.get("G_ema") is not None else "G" if data.get("G") is not None else None
     if key is None:
         raise ValueError(f"{path}: no 'G_ema' or 'G' network in this pickle (keys: {sorted(map(str, data))})")
+    if key == "G":
+        warnings.warn(
+            f"{path}: has no 'G_ema'; using the training network 'G' (not the moving average of its weights), "
+            "whose samples are usually worse; give a snapshot that holds G_ema if you have one",
+            stacklevel=2,
+        )
     G = _nvidia_generator(data[key], path, key)
     D = None
     if data.get("D") is not None:
@@ -403,6 +445,38 @@ class RosinalityArgs:
         return f"RosinalityArgs({vars(self)})"
 
 
+_NVIDIA_MARK = b"torch_utils.persistence"
+
+
+def _check_kind(path: Path, want: str) -> None:
+    """The file is what its extension promises (`want`: "pickle" for .pkl, "torch" for .pt/.pth), or
+    an error naming what it really is and the fix. A zip is checked for its declared unpacked size
+    (a zip bomb is refused before torch inflates anything)."""
+    kind = filecheck.sniff(path)
+    if kind == "empty":
+        raise ValueError(f"{path}: the file is empty; re-download the checkpoint")
+    if kind == "zip":
+        filecheck.check_zip_sizes(path)
+        if _NVIDIA_MARK in (filecheck.zip_member(path, "data.pkl") or b""):
+            raise ValueError(
+                f"{path}: is a torch.save of an NVIDIA network object, which cannot be loaded without running "
+                "the code stored in it; give the network-snapshot-*.pkl that NVIDIA's training wrote, or save the "
+                "networks as pickle.dump({'G_ema': G_ema, 'D': D}, f) to a .pkl"
+            )
+    if kind == "safetensors":
+        raise ValueError(f"{path}: is a safetensors file, not a {want} checkpoint; rename it to .safetensors")
+    if want == "pickle" and kind in ("zip", "torch-legacy"):
+        raise ValueError(
+            f"{path}: is a torch.save checkpoint (e.g. rosinality stylegan2-pytorch), not an NVIDIA network "
+            "pickle; rename it to .pt"
+        )
+    if want == "torch" and kind == "pickle":
+        raise ValueError(
+            f"{path}: is a plain pickle, not a torch.save checkpoint; if it is an NVIDIA stylegan2-ada-pytorch / "
+            "stylegan3 network snapshot, rename it to .pkl"
+        )
+
+
 def _torch_load_safe(path: Path) -> Any:
     """``torch.load(weights_only=True)`` that also accepts rosinality's training-checkpoint ``args``.
 
@@ -411,6 +485,7 @@ def _torch_load_safe(path: Path) -> Any:
     argparse.Namespace itself or falling back to an unrestricted load. Anything else weights_only
     refuses raises `UnsafeCheckpointError`.
     """
+    _check_kind(path, "torch")
     try:
         with torch.serialization.safe_globals([(RosinalityArgs, "argparse.Namespace")]):
             return torch.load(path, map_location="cpu", weights_only=True)

@@ -285,11 +285,16 @@ def _reconstruct_persistent_obj(meta):
 
 
 def _first_line(e: BaseException) -> str:
+    """The reason torch's weights_only loader gives, without its advice to load unrestricted."""
     text = str(e).strip()
     m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
     if m:
         return f"unsupported global {m.group(1)}"
-    return text.splitlines()[0][:200] if text else type(e).__name__
+    m = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+    if m:
+        text = m.group(1).strip()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and "weights_only" not in ln]
+    return lines[0][:200] if lines else type(e).__name__
 
 
 _BUILTINS = {
