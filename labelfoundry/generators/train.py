@@ -11,6 +11,7 @@ import math
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +20,8 @@ import torch.nn.functional as F
 from pydantic import BaseModel, Field
 
 from ..domains import toyfaces
-from ..precision import bf16_autocast_ok
 from ..atomic import atomic_path
+from ..precision import bf16_autocast_ok
 from .discriminator import Discriminator, DiscriminatorConfig
 from .io import save_generator
 from .stylegan2 import Generator, StyleGAN2Config
@@ -83,17 +84,21 @@ def save_grid(path: Path, images: torch.Tensor, nrow: int = 8) -> None:
     Image.fromarray(grid).save(path)
 
 
-def train_generator(
-    cfg: GeneratorTrainConfig,
-    out_dir: str | os.PathLike,
-    device: str = "cpu",
-    progress: Callable[[dict], None] | None = None,
-    max_seconds: float | None = None,
-) -> Path:
-    """Train (or resume) until `cfg.total_kimg`; returns the path of the exported G_ema + D file."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    dev = torch.device(device)
+@dataclass
+class GANState:
+    """Everything a resumed run needs: the networks, their optimisers and the counters."""
+
+    G: Generator
+    D: Discriminator
+    G_ema: Generator
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+    step: int = 0
+    nimg: int = 0
+
+
+def build_state(cfg: GeneratorTrainConfig, dev: torch.device) -> GANState:
+    """Fresh networks (seeded by cfg.seed) and Adam with StyleGAN2's lazy-regularisation correction."""
     gcfg = StyleGAN2Config(
         resolution=cfg.resolution, z_dim=cfg.z_dim, w_dim=cfg.w_dim, map_layers=cfg.map_layers,
         channel_base=cfg.channel_base, channel_max=cfg.channel_max,
@@ -105,80 +110,126 @@ def train_generator(
     c = cfg.r1_interval / (cfg.r1_interval + 1)  # lazy-regularisation correction of lr and betas
     opt_g = torch.optim.Adam(G.parameters(), lr=cfg.lr, betas=(0.0, 0.99), eps=1e-8)
     opt_d = torch.optim.Adam(D.parameters(), lr=cfg.lr * c, betas=(0.0, 0.99**c), eps=1e-8)
-    ckpt = out / "checkpoint.pt"
-    step, nimg = 0, 0
-    if ckpt.exists():
-        st = torch.load(ckpt, map_location=dev, weights_only=True)
-        G.load_state_dict(st["G"]); D.load_state_dict(st["D"]); G_ema.load_state_dict(st["G_ema"])
-        opt_g.load_state_dict(st["opt_g"]); opt_d.load_state_dict(st["opt_d"])
-        step, nimg = int(st["step"]), int(st["nimg"])
-    amp = cfg.amp and bf16_autocast_ok(dev)
-    gamma = cfg.gamma()
-    fixed_z = G.z_from_seeds(list(range(64)), dev)
+    return GANState(G, D, G_ema, opt_g, opt_d)
 
-    def save_ckpt() -> None:
-        with atomic_path(ckpt) as tmp:
-            torch.save(
-                {"G": G.state_dict(), "D": D.state_dict(), "G_ema": G_ema.state_dict(), "opt_g": opt_g.state_dict(),
-                 "opt_d": opt_d.state_dict(), "step": step, "nimg": nimg, "config": cfg.model_dump_json()},
-                tmp,
-            )
-        save_generator(out / "generator.safetensors", G_ema, D, extra={"kimg": nimg / 1000, "train_config": cfg.model_dump()})
 
-    t0, t_last, n_last = time.time(), time.time(), nimg
-    while nimg < cfg.total_kimg * 1000:
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        torch.manual_seed(cfg.seed * 1_000_003 + step)
-        rng = np.random.default_rng([cfg.seed, step])
-        real = _real_batch(cfg, rng, dev)
-        z1 = torch.randn(cfg.batch, G.z_dim, generator=gen).to(dev)
-        z2 = torch.randn(cfg.batch, G.z_dim, generator=gen).to(dev)
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
-            # D: push fakes down, reals up; lazy R1 on reals.
-            with torch.no_grad():
-                fake = G.synthesis(_mixed_ws(G, z1, cfg.style_mixing, gen, False), noise_mode="random")
-            do_r1 = step % cfg.r1_interval == 0
-            real_in = real.detach().requires_grad_(do_r1)
-            real_logits = D(real_in).float()
-            loss_d = F.softplus(D(fake).float()).mean() + F.softplus(-real_logits).mean()
-            if do_r1:
-                (grad,) = torch.autograd.grad(real_logits.sum(), real_in, create_graph=True)
-                loss_d = loss_d + grad.float().square().sum([1, 2, 3]).mean() * (gamma / 2) * cfg.r1_interval
-        opt_d.zero_grad(set_to_none=True)
-        loss_d.backward()
-        opt_d.step()
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
-            fake = G.synthesis(_mixed_ws(G, z2, cfg.style_mixing, gen, True), noise_mode="random")
-            loss_g = F.softplus(-D(fake).float()).mean()
-        opt_g.zero_grad(set_to_none=True)
-        loss_g.backward()
-        opt_g.step()
-        nimg += cfg.batch
-        step += 1
-        # EMA with the ADA ramp-up: a short half-life early, `ema_kimg` later.
-        ema_nimg = min(cfg.ema_kimg * 1000, nimg * cfg.ema_rampup)
-        beta = 0.5 ** (cfg.batch / max(ema_nimg, 1e-8))
+def load_state(st: GANState, ckpt: Path, dev: torch.device) -> None:
+    """Resume exactly from a checkpoint written by `save_state` (tensors only, weights_only=True)."""
+    d = torch.load(ckpt, map_location=dev, weights_only=True)
+    st.G.load_state_dict(d["G"]); st.D.load_state_dict(d["D"]); st.G_ema.load_state_dict(d["G_ema"])
+    st.opt_g.load_state_dict(d["opt_g"]); st.opt_d.load_state_dict(d["opt_d"])
+    st.step, st.nimg = int(d["step"]), int(d["nimg"])
+
+
+def save_state(st: GANState, cfg: GeneratorTrainConfig, out: Path) -> None:
+    """The resumable checkpoint and the exported G_ema + D, each written atomically."""
+    with atomic_path(out / "checkpoint.pt") as tmp:
+        torch.save(
+            {"G": st.G.state_dict(), "D": st.D.state_dict(), "G_ema": st.G_ema.state_dict(),
+             "opt_g": st.opt_g.state_dict(), "opt_d": st.opt_d.state_dict(), "step": st.step, "nimg": st.nimg,
+             "config": cfg.model_dump_json()},
+            tmp,
+        )
+    export(st, cfg, out / "generator.safetensors")
+
+
+def export(st: GANState, cfg: GeneratorTrainConfig, path: Path) -> None:
+    save_generator(path, st.G_ema, st.D, extra={"kimg": st.nimg / 1000, "train_config": cfg.model_dump()})
+
+
+def d_loss(st: GANState, cfg: GeneratorTrainConfig, real: torch.Tensor, z: torch.Tensor, gen: torch.Generator,
+           amp: bool) -> torch.Tensor:
+    """D's logistic loss: push fakes down, reals up; lazy R1 on reals every `r1_interval` steps."""
+    dev = real.device
+    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
         with torch.no_grad():
-            for pe, p in zip(G_ema.parameters(), G.parameters()):
-                pe.copy_(p.lerp(pe, beta))
-            for be, b in zip(G_ema.buffers(), G.buffers()):
-                be.copy_(b)
-        if step % cfg.checkpoint_every == 0:
-            save_ckpt()
-        if nimg // int(cfg.snapshot_kimg * 1000) != (nimg - cfg.batch) // int(cfg.snapshot_kimg * 1000):
-            save_generator(out / f"generator-{nimg // 1000:06d}k.safetensors", G_ema, D,
-                           extra={"kimg": nimg / 1000, "train_config": cfg.model_dump()})
-        if step % cfg.snapshot_every == 0:
+            fake = st.G.synthesis(_mixed_ws(st.G, z, cfg.style_mixing, gen, False), noise_mode="random")
+        do_r1 = st.step % cfg.r1_interval == 0
+        real_in = real.detach().requires_grad_(do_r1)
+        real_logits = st.D(real_in).float()
+        loss = F.softplus(st.D(fake).float()).mean() + F.softplus(-real_logits).mean()
+        if do_r1:  # the gradient penalty itself is summed in fp32
+            (grad,) = torch.autograd.grad(real_logits.sum(), real_in, create_graph=True)
+            loss = loss + grad.float().square().sum([1, 2, 3]).mean() * (cfg.gamma() / 2) * cfg.r1_interval
+    return loss
+
+
+def g_loss(st: GANState, cfg: GeneratorTrainConfig, z: torch.Tensor, gen: torch.Generator, amp: bool) -> torch.Tensor:
+    """G's non-saturating loss on style-mixed fakes (updates the tracked w_avg)."""
+    with torch.autocast(z.device.type, dtype=torch.bfloat16, enabled=amp):
+        fake = st.G.synthesis(_mixed_ws(st.G, z, cfg.style_mixing, gen, True), noise_mode="random")
+        return F.softplus(-st.D(fake).float()).mean()
+
+
+def update_ema(st: GANState, cfg: GeneratorTrainConfig) -> None:
+    """EMA of G in fp32 with the ADA ramp-up: a short half-life early, `ema_kimg` later."""
+    ema_nimg = min(cfg.ema_kimg * 1000, st.nimg * cfg.ema_rampup)
+    beta = 0.5 ** (cfg.batch / max(ema_nimg, 1e-8))
+    with torch.no_grad():
+        for pe, p in zip(st.G_ema.parameters(), st.G.parameters()):
+            pe.copy_(p.lerp(pe, beta))
+        for be, b in zip(st.G_ema.buffers(), st.G.buffers()):
+            be.copy_(b)
+
+
+def train_step(st: GANState, cfg: GeneratorTrainConfig, dev: torch.device, amp: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """One D step and one G step, all randomness from (seed, step); returns (loss_d, loss_g), detached
+    (no device sync here)."""
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + st.step)
+    torch.manual_seed(cfg.seed * 1_000_003 + st.step)
+    rng = np.random.default_rng([cfg.seed, st.step])
+    real = _real_batch(cfg, rng, dev)
+    z1 = torch.randn(cfg.batch, st.G.z_dim, generator=gen).to(dev)
+    z2 = torch.randn(cfg.batch, st.G.z_dim, generator=gen).to(dev)
+    loss_d = d_loss(st, cfg, real, z1, gen, amp)
+    st.opt_d.zero_grad(set_to_none=True)
+    loss_d.backward()
+    st.opt_d.step()
+    loss_g = g_loss(st, cfg, z2, gen, amp)
+    st.opt_g.zero_grad(set_to_none=True)
+    loss_g.backward()
+    st.opt_g.step()
+    st.nimg += cfg.batch
+    st.step += 1
+    update_ema(st, cfg)
+    return loss_d.detach(), loss_g.detach()
+
+
+def train_generator(
+    cfg: GeneratorTrainConfig,
+    out_dir: str | os.PathLike,
+    device: str = "cpu",
+    progress: Callable[[dict], None] | None = None,
+    max_seconds: float | None = None,
+) -> Path:
+    """Train (or resume) until `cfg.total_kimg`; returns the path of the exported G_ema + D file."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dev = torch.device(device)
+    st = build_state(cfg, dev)
+    if (out / "checkpoint.pt").exists():
+        load_state(st, out / "checkpoint.pt", dev)
+    amp = cfg.amp and bf16_autocast_ok(dev)
+    fixed_z = st.G.z_from_seeds(list(range(64)), dev)
+    snap = int(cfg.snapshot_kimg * 1000)
+    t0, t_last, n_last = time.time(), time.time(), st.nimg
+    while st.nimg < cfg.total_kimg * 1000:
+        loss_d, loss_g = train_step(st, cfg, dev, amp)
+        if st.step % cfg.checkpoint_every == 0:
+            save_state(st, cfg, out)
+        if st.nimg // snap != (st.nimg - cfg.batch) // snap:
+            export(st, cfg, out / f"generator-{st.nimg // 1000:06d}k.safetensors")
+        if st.step % cfg.snapshot_every == 0:
             with torch.no_grad():
-                save_grid(out / f"samples-{nimg // 1000:06d}k.png", G_ema(fixed_z, noise_mode="const"))
-        if progress is not None and step % 10 == 0:
+                save_grid(out / f"samples-{st.nimg // 1000:06d}k.png", st.G_ema(fixed_z, noise_mode="const"))
+        if progress is not None and st.step % 10 == 0:
             now = time.time()
-            progress({"step": step, "kimg": nimg / 1000, "loss_d": loss_d.item(), "loss_g": loss_g.item(),
-                      "img_per_s": (nimg - n_last) / max(now - t_last, 1e-9)})
-            t_last, n_last = now, nimg
+            progress({"step": st.step, "kimg": st.nimg / 1000, "loss_d": loss_d.item(), "loss_g": loss_g.item(),
+                      "img_per_s": (st.nimg - n_last) / max(now - t_last, 1e-9)})
+            t_last, n_last = now, st.nimg
         if max_seconds is not None and time.time() - t0 > max_seconds:
             break
-    save_ckpt()
+    save_state(st, cfg, out)
     with torch.no_grad():
-        save_grid(out / "samples-final.png", G_ema(fixed_z, noise_mode="const"))
+        save_grid(out / "samples-final.png", st.G_ema(fixed_z, noise_mode="const"))
     return out / "generator.safetensors"
