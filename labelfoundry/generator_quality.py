@@ -19,6 +19,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from .atomic import atomic_path
 from .domains import toyfaces
 from .evaluation import toyfaces_split
 from .sampling import oversample_weights
@@ -105,13 +106,11 @@ def train_scorer(spec: ScorerSpec, cache_dir: str | Path) -> Segmenter:
     data = toyfaces_split("train", spec.train_images, spec.resolution, offset=700_000)
     rare_ids = [toyfaces.CLASSES.index(c) for c in toyfaces.RARE_CLASSES]
     frac = pd.DataFrame({"frac_rare": np.isin(data.masks, rare_ids).mean((1, 2))})
-    weights = oversample_weights(frac, {"rare": spec.rare_draws})
+    draws = oversample_weights(frac, {"rare": spec.rare_draws})
     train_segmenter(model, data, TrainConfig(max_steps=spec.steps, batch_size=32, seed=spec.seed, checkpoint_every=10**9),
-                    task="segmentation", out_dir=cache / "train", device="cpu", sample_weights=weights.tolist())
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = weights.with_suffix(".tmp")
-    torch.save(model.state_dict(), tmp)
-    tmp.replace(weights)
+                    task="segmentation", out_dir=cache / "train", device="cpu", sample_weights=draws.tolist())
+    with atomic_path(weights) as tmp:
+        torch.save(model.state_dict(), tmp)
     return model.eval()
 
 
