@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from labelfoundry.generator_quality import ScorerSpec, generator_quality, train_scorer
-from labelfoundry.generators import load_generator
+from labelfoundry.generators import load_networks
 
 
 def main() -> None:
@@ -39,12 +39,12 @@ def main() -> None:
     if not gens:
         gens = ["toyfaces-64"]
     t0 = time.time()
-    first = load_generator(gens[0])
+    first = load_networks(gens[0]).G
     scorer = train_scorer(ScorerSpec(resolution=first.resolution, steps=args.scorer_steps), args.cache)
     for name in gens:
         t = time.time()
-        G = load_generator(name)
-        q = generator_quality(G, scorer, n=args.n, k=args.k)
+        nets = load_networks(name)
+        q = generator_quality(nets.G, scorer, n=args.n, k=args.k, kimg=(nets.extra or {}).get("kimg"))
         print(json.dumps({"generator": name, **q, "seconds": round(time.time() - t, 1),
                           "total_seconds": round(time.time() - t0, 1)}), flush=True)
 

@@ -146,7 +146,7 @@ def head_fraction(pred: np.ndarray) -> np.ndarray:
 
 
 def generator_quality(G, scorer: Segmenter, n: int = 2000, k: int = 3, min_fraction: float = 0.004,
-                      batch: int = 250) -> dict:
+                      batch: int = 250, kimg: float | None = None) -> dict:
     """Every figure of a generator's quality on the built-in domain (see the module docstring).
 
     Real sets are disjoint test and val renders; generated images come from seeds 0..n-1 with constant
@@ -172,9 +172,8 @@ def generator_quality(G, scorer: Segmenter, n: int = 2000, k: int = 3, min_fract
         rare_rate[name] = float(presence(p_fake, c, min_fraction).mean())
         domain_rate[name] = float(has[name].mean())
         scorer_rate_real[name] = float(presence(p_real, c, min_fraction).mean())
-    extra = getattr(G, "extra", None) or {}
     return {
-        "kimg": extra.get("kimg"),
+        "kimg": kimg,
         "n": n,
         "fd": frechet_distance(f_real, f_fake),
         "fd_real": frechet_distance(f_real, f_real2),
