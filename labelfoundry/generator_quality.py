@@ -94,15 +94,13 @@ class ScorerSpec:
 def train_scorer(spec: ScorerSpec, cache_dir: str | Path) -> Segmenter:
     """Train the scorer once per spec, cached under `cache_dir` (its weights are the determinism)."""
     cache = Path(cache_dir) / f"scorer-{spec.key()}"
-    model = build_segmenter(SegmenterConfig(arch="tiny_unet", num_classes=len(toyfaces.CLASSES), tiny_width=spec.width,
-                                            pretrained_backbone=False))
     weights = cache / "scorer.pt"
-    if weights.exists():
-        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-        return model.eval()
     torch.manual_seed(spec.seed)
     model = build_segmenter(SegmenterConfig(arch="tiny_unet", num_classes=len(toyfaces.CLASSES), tiny_width=spec.width,
                                             pretrained_backbone=False))
+    if weights.exists():
+        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        return model.eval()
     data = toyfaces_split("train", spec.train_images, spec.resolution, offset=700_000)
     rare_ids = [toyfaces.CLASSES.index(c) for c in toyfaces.RARE_CLASSES]
     frac = pd.DataFrame({"frac_rare": np.isin(data.masks, rare_ids).mean((1, 2))})
