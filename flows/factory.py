@@ -55,18 +55,24 @@ def generate_subflow(run_dir: str, groups: list[list[int]], task_args: dict) -> 
             log.info("generation: %d / %d shard groups", done, len(groups))
 
 
-def generate_stage(cfg: RunConfig, run_dir: Path, gh: str, labeler: LabelerArtifact, device: str, cv: str) -> str:
-    """Create/reopen the store, generate what is not committed yet, and check every shard committed."""
-    path = dataset_path(str(run_dir), gh, labeler, cfg.generate, cfg.seed, cv)
+def generate_stage(cfg: RunConfig, run_dir: Path, gh: str, labeler: LabelerArtifact, device: str, cv: str,
+                   extra: dict[str, LabelerArtifact] | None = None) -> str:
+    """Create/reopen the store, generate what is not committed yet, and check every shard committed.
+    extra: the fitted extra labelers by label array (a multi-label dataset)."""
+    path = dataset_path(str(run_dir), gh, labeler, cfg.generate, cfg.seed, cv, extra)
     provenance = {
         "generator": cfg.generator.name, "generator_hash": gh, "labeler": labeler.method, "labeler_hash": labeler.hash,
         "generate": cfg.generate.model_dump(), "seed": cfg.seed, "code_version": cv, "task": labeler.task,
     }
-    store = prepare_store(path, labeler, cfg.generate, provenance)
+    if extra:
+        provenance["extra_labelers"] = {k: {"labeler": a.method, "labeler_hash": a.hash, "task": a.task} for k, a in extra.items()}
+    store = prepare_store(path, labeler, cfg.generate, provenance, extra)
     k = cfg.generate.shards_per_task
     groups = [list(range(i, min(i + k, store.num_shards))) for i in range(0, store.num_shards, k)]
     task_args = dict(store_path=path, generator=cfg.generator.name, generator_hash=gh, labeler=labeler, gen=cfg.generate,
                      run_seed=cfg.seed, code_version=cv, device=device, torch_threads=cfg.runner.torch_threads)
+    if extra:
+        task_args["extra_labelers"] = extra
     generate_subflow.with_options(task_runner=make_task_runner(cfg.runner))(run_dir=str(run_dir), groups=groups, task_args=task_args)
     missing = storage.ShardStore.open(path).uncommitted_shards()
     if missing:  # a cached task whose shard was deleted since: regenerate without the cache
@@ -94,15 +100,22 @@ def factory(config: str | None = None, overrides: dict | None = None, stop_after
     inverted = run_stage(
         invert_task, run_dir=str(run_dir), generator=cfg.generator.name, generator_hash=gh,
         labeled_cfg=cfg.labeled, code_version=cv, device=device,
-        inversion_cfg=cfg.inversion if cfg.labeler.method in NEEDS_INVERSION else None,
+        inversion_cfg=cfg.inversion if any(c.method in NEEDS_INVERSION for c in cfg.label_arrays().values()) else None,
     )
     labeler = run_stage(
         fit_task, run_dir=str(run_dir), generator=cfg.generator.name, generator_hash=gh, inverted=inverted,
         labeler_cfg=cfg.labeler, code_version=cv, device=device,
     )
+    extra = {  # further label types, fitted on the same inverted images
+        array: run_stage(fit_task, run_dir=str(run_dir), generator=cfg.generator.name, generator_hash=gh, inverted=inverted,
+                         labeler_cfg=lcfg, code_version=cv, device=device, array=array)
+        for array, lcfg in cfg.label_arrays().items() if array != "label"
+    }
     summary: dict = {"run_dir": str(run_dir), "inversion": inverted.model_dump(), "labeler": labeler.model_dump()}
+    if extra:
+        summary["extra_labelers"] = {k: a.model_dump() for k, a in extra.items()}
     if stop_after != "fit":
-        store_path = generate_stage(cfg, run_dir, gh, labeler, device, cv)
+        store_path = generate_stage(cfg, run_dir, gh, labeler, device, cv, extra)
         mh = storage.manifest_hash(store_path)
         filt_args = dict(store_path=store_path, manifest_hash_=mh, filter_cfg=cfg.filter, code_version=cv)
         filtered = cached(filter_task, run_dir)(**filt_args)

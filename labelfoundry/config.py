@@ -127,6 +127,11 @@ class GenerateSection(_Strict):
 class FilterSection(_Strict):
     drop_top: float = Field(0.1, ge=0.0, lt=1.0, description="fraction of most uncertain samples to drop")
     score: Literal["score", "score_top10"] = "score"
+    combine: Literal["max_rank", "mean_rank", "primary"] = Field(
+        "max_rank", description="multi-label datasets: how the label types' scores (each ranked, as their scales "
+        "differ) make one: max_rank = a sample is as uncertain as its most uncertain type; mean_rank = the mean "
+        "rank; primary = the `labeler` type's score alone (labelfoundry.filtering.combined_score)"
+    )
     dedup: Literal["none", "latent", "image"] = "none"
     dedup_threshold: float = Field(0.05, description="L2 distance (per dim, normalised) under which a sample is a duplicate")
     class_balance: dict[str, float] = Field(default_factory=dict, description="class name -> min kept fraction of samples containing it")
@@ -181,10 +186,31 @@ class RunConfig(_Strict):
     labeled: LabeledSection = LabeledSection()
     inversion: InversionConfig = InversionConfig(steps=300)
     labeler: LabelerConfig = REGISTRY[DEFAULT_METHOD].config_class()()
+    extra_labelers: list[LabelerConfig] = Field(
+        default_factory=list, description="further label types written into the same samples (one generation "
+        "pass; arrays named by task: keypoints, depth), each fitted on the same inverted images as `labeler`"
+    )
     generate: GenerateSection = GenerateSection()
     filter: FilterSection = FilterSection()
     downstream: DownstreamSection = DownstreamSection()
     runner: RunnerSection = RunnerSection()
+
+    @model_validator(mode="after")
+    def _extra_labelers_distinct(self) -> "RunConfig":
+        """One array per label type: extra labelers add keypoints / depth to the primary `labeler`."""
+        tasks = [self.labeler.task]
+        for i, extra in enumerate(self.extra_labelers):
+            if extra.task == "segmentation":
+                raise ValueError(f"extra_labelers[{i}]: task segmentation must be the primary `labeler` (the "
+                                 "`label` array); extra labelers add keypoints or depth")
+            if extra.task in tasks:
+                raise ValueError(f"extra_labelers[{i}]: task {extra.task!r} is labeled twice; one labeler per label type")
+            tasks.append(extra.task)
+        return self
+
+    def label_arrays(self) -> dict[str, "LabelerConfig"]:
+        """Array name -> labeler config: `label` for `labeler`, the task's name for each extra."""
+        return {"label": self.labeler, **{e.task: e for e in self.extra_labelers}}
 
     def resolved_device(self) -> str:
         if self.device != "auto":

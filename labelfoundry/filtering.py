@@ -21,6 +21,32 @@ def uncertainty_flags(manifest: pd.DataFrame, drop_top: float, score: str = "sco
     return flags
 
 
+def combined_score(manifest: pd.DataFrame, columns: list[str], rule: str) -> pd.Series:
+    """One uncertainty score per sample from several label types' scores (a multi-label dataset).
+
+    The types' scores live on different scales (JS divergence of class distributions, variance of
+    heatmaps or depth), so they are compared by rank: each column becomes its percentile rank in
+    (0, 1] (ties share their mean rank), and
+      primary:  the first column alone (the `label` array's score);
+      max_rank: the highest rank: a sample is as uncertain as its most uncertain label type, so
+                dropping the top q drops every sample that is among the worst of any type first;
+      mean_rank: the mean rank: uncertain in several types at once counts most.
+    """
+    if not columns:
+        raise ValueError("combined_score needs at least one score column")
+    missing = [c for c in columns if c not in manifest]
+    if missing:
+        raise ValueError(f"manifest has no score column(s) {missing}; columns: {sorted(manifest.columns)}")
+    if rule == "primary" or len(columns) == 1:
+        return manifest[columns[0]].astype(float)
+    ranks = manifest[columns].rank(method="average", pct=True)
+    if rule == "max_rank":
+        return ranks.max(axis=1)
+    if rule == "mean_rank":
+        return ranks.mean(axis=1)
+    raise ValueError(f"unknown score combination rule {rule!r}; use primary, max_rank or mean_rank")
+
+
 def duplicate_flags(vectors: np.ndarray, order: np.ndarray, threshold: float, k: int = 10) -> np.ndarray:
     """Greedy near-duplicate removal with faiss: walk samples in `order` (best first) and drop a sample
     when an already-kept one lies within `threshold` (RMS distance per dimension)."""

@@ -10,14 +10,15 @@ kind of machine: `precision="auto"` resolves per device, see `labelfoundry.preci
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-from .features import generate_with_taps
+from .features import TapSpec, generate_with_taps
+from .label_arrays import score_column, uncertainty_array
 from .labelers.base import GenBatch
 from .precision import resolve_precision
 
@@ -43,41 +44,50 @@ def generate_samples(
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Generate and label `sample_ids`. Returns (arrays for the store, per-sample manifest columns).
 
+    labeler: one labeler (its labels go to `label`), or a mapping {array name: labeler} for a
+    multi-label dataset ("label" first, then e.g. "keypoints", "depth"): the generator runs once per
+    batch and every labeler reads its taps from that one pass.
     precision: "fp32", "bf16" or "auto" (bf16 where the device runs it natively): the generator
-    and the labeler run under the same autocast; latents, softmax and uncertainty stay fp32.
+    and the labelers run under the same autocast; latents, softmax and uncertainty stay fp32.
 
     arrays: image uint8 (n,R,R,3); label uint8 (n,R,R) or float16 (n,K,R,R); uncertainty float16
-    (n,R,R); w float32 (n,num_ws,w_dim) when store_w. columns: seed, score, score_top10, rejected (the labeler refused the sample).
+    (n,R,R); per extra label array `<name>` float16 (n,K,R,R) and `uncertainty_<name>`; w float32
+    (n,num_ws,w_dim) when store_w. columns: seed, score, score_top10 (and score_<name>,
+    score_top10_<name> per extra), rejected (any labeler refused the sample).
     """
+    labelers: Mapping[str, Any] = labeler if isinstance(labeler, Mapping) else {"label": labeler}
+    if "label" not in labelers:
+        raise ValueError(f"labelers {sorted(labelers)}: one of them must write the primary 'label' array")
     dev = torch.device(device)
     seeds = [sample_seed(run_seed, s) for s in sample_ids]
-    parts: dict[str, list] = {"image": [], "label": [], "uncertainty": [], "w": []}
-    score, top10, rejected = [], [], []
+    parts: dict[str, list] = {"image": [], "w": []}
+    cols: dict[str, list] = {"rejected": []}
     amp = resolve_precision(precision, dev) == torch.bfloat16
+    every_tap = TapSpec()
     for i in range(0, len(seeds), batch):
         z = G.z_from_seeds(seeds[i : i + batch], dev)
         ws = G.mapping(z, psi=psi)
+        rejected = torch.zeros(len(ws), dtype=torch.bool)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
-            image, taps = generate_with_taps(G, ws, labeler.tap_spec)
-            out = labeler.label(GenBatch(ws, image, taps, G=G, z=z))
+            image, taps = generate_with_taps(G, ws, every_tap)  # one synthesis pass for every labeler
+            outs = {name: lab.label(GenBatch(ws, image, lab.tap_spec.select(taps, image), G=G, z=z))
+                    for name, lab in labelers.items()}
+        for name, out in outs.items():
+            lab = out.label.cpu().numpy()
+            parts.setdefault(name, []).append(lab if lab.dtype == np.uint8 else lab.astype(np.float16))
+            parts.setdefault(uncertainty_array(name), []).append(out.uncertainty.cpu().numpy().astype(np.float16))
+            cols.setdefault(score_column(name), []).append(out.score.cpu().numpy().astype(np.float64))
+            cols.setdefault(score_column(name, top10=True), []).append(out.score_top10.cpu().numpy().astype(np.float64))
+            if out.rejected is not None:
+                rejected |= out.rejected.cpu().bool()
         image = image.float()
         parts["image"].append(((image.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
-        lab = out.label.cpu().numpy()
-        parts["label"].append(lab if lab.dtype == np.uint8 else lab.astype(np.float16))
-        parts["uncertainty"].append(out.uncertainty.cpu().numpy().astype(np.float16))
         if store_w:
             parts["w"].append(ws.cpu().numpy().astype(np.float32))
-        score.append(out.score.cpu().numpy())
-        top10.append(out.score_top10.cpu().numpy())
-        rejected.append(np.zeros(len(ws), bool) if out.rejected is None else out.rejected.cpu().numpy().astype(bool))
+        cols["rejected"].append(rejected.numpy())
     arrays = {k: np.concatenate(v) for k, v in parts.items() if v}
-    cols = {
-        "seed": np.asarray(seeds, dtype=np.int64),
-        "score": np.concatenate(score).astype(np.float64),
-        "score_top10": np.concatenate(top10).astype(np.float64),
-        "rejected": np.concatenate(rejected),
-    }
-    return arrays, cols
+    columns = {"seed": np.asarray(seeds, dtype=np.int64), **{k: np.concatenate(v) for k, v in cols.items()}}
+    return arrays, columns
 
 
 class ShardSink(Protocol):

@@ -27,7 +27,7 @@ from .errors import (
     UncommittedShardError,
 )
 from .hashing import sample_checksum, shard_seed
-from .layout import FORMAT_VERSION
+from .layout import FORMAT_VERSION, score_column, uncertainty_array
 from .store import ShardStore
 from .verify import BadShard, VerifyReport, verify
 
@@ -65,6 +65,8 @@ __all__ = [
     "manifest_hash",
     "open_dataset",
     "sample_checksum",
+    "score_column",
     "shard_seed",
+    "uncertainty_array",
     "verify",
 ]

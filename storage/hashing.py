@@ -35,9 +35,10 @@ def _update(h: "hashlib._Hash", name: str, array: np.ndarray) -> None:
 
 
 def sample_checksum(
-    image: np.ndarray, label: np.ndarray, uncertainty: np.ndarray | None = None
+    image: np.ndarray, label: np.ndarray, uncertainty: np.ndarray | None = None, **extra: np.ndarray
 ) -> str:
-    """SHA-256 hex digest of one sample's image + label (+ uncertainty).
+    """SHA-256 hex digest of one sample's image + label (+ uncertainty), then any `extra` arrays
+    (a multi-label dataset's further labels and uncertainties) in the order given.
 
     This is the single definition used by the writer, ``verify`` and readers.
     """
@@ -46,17 +47,23 @@ def sample_checksum(
     _update(h, "label", np.asarray(label))
     if uncertainty is not None:
         _update(h, "uncertainty", np.asarray(uncertainty))
+    for name, array in extra.items():
+        _update(h, name, np.asarray(array))
     return h.hexdigest()
 
 
-def shard_checksums(arrays: dict[str, np.ndarray]) -> list[str]:
-    """Checksums of every sample in a stacked shard (``arrays[name][i]``)."""
-    uncertainty = arrays.get("uncertainty")
+def shard_checksums(arrays: dict[str, np.ndarray], names: list[str] | None = None) -> list[str]:
+    """Checksums of every sample in a stacked shard (``arrays[name][i]``) over ``names``
+    (``Layout.checksum_arrays()``; default image, label, uncertainty)."""
+    names = names or [n for n in ("image", "label", "uncertainty") if n in arrays]
+    extra = [n for n in names if n not in ("image", "label", "uncertainty")]
+    uncertainty = arrays.get("uncertainty") if "uncertainty" in names else None
     return [
         sample_checksum(
             arrays["image"][i],
             arrays["label"][i],
             None if uncertainty is None else uncertainty[i],
+            **{n: arrays[n][i] for n in extra},
         )
         for i in range(len(arrays["image"]))
     ]

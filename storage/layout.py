@@ -12,6 +12,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from labelfoundry.label_arrays import score_column, uncertainty_array  # noqa: F401 (re-exported)
+
 FORMAT_NAME = "labelfoundry.shards"
 FORMAT_VERSION = 1
 
@@ -22,6 +24,7 @@ FILTERS_DIR = "filters"
 
 ARRAY_ORDER = ("image", "label", "uncertainty", "w")
 LABEL_DTYPES = ("uint8", "float16")
+LABEL_TASKS = ("segmentation", "keypoints", "depth")
 COMPRESSIONS = ("zstd", "blosc", "none")
 
 _PART_RE = re.compile(r"^shard-(\d{6,})\.parquet$")
@@ -98,6 +101,29 @@ class Layout:
     schema: dict[str, Any]
     compression: dict[str, Any]
     provenance: dict[str, Any] = field(default_factory=dict)
+    labels: dict[str, str] = field(default_factory=dict)  # label array -> task; {} = the single `label`
+
+    @property
+    def label_arrays(self) -> dict[str, str]:
+        """Every label array and its task: {"label": task} for a single-type dataset; a multi-label
+        dataset adds one array per extra task (`keypoints`, `depth`, ...)."""
+        return dict(self.labels) if self.labels else {"label": self._single_task()}
+
+    def _single_task(self) -> str:
+        if self.is_segmentation:
+            return "segmentation"
+        task = self.provenance.get("task")
+        if task in LABEL_TASKS:
+            return str(task)
+        return "depth" if self.arrays["label"].shape[0] == 1 else "keypoints"
+
+    def checksum_arrays(self) -> list[str]:
+        """Arrays covered by each sample's checksum, in hashing order: image, label, uncertainty,
+        then each extra label array and its uncertainty (so single-type checksums never change)."""
+        names = ["image", "label", "uncertainty"]
+        for name in sorted(a for a in self.label_arrays if a != "label"):
+            names += [name, uncertainty_array(name)]
+        return [n for n in names if n in self.arrays]
 
     @property
     def num_shards(self) -> int:
@@ -142,8 +168,10 @@ class Layout:
             "arrays": {name: spec.to_dict() for name, spec in self.arrays.items()},
             "schema": self.schema,
             "compression": self.compression,
-            "checksum": "sha256 over image|label|uncertainty (storage.sample_checksum)",
+            "checksum": "sha256 over image|label|uncertainty (storage.sample_checksum)"
+            + ("|" + "|".join(self.checksum_arrays()[3:]) if self.labels else ""),
             "provenance": self.provenance,
+            **({"labels": self.labels} if self.labels else {}),
         }
 
     @classmethod
@@ -169,6 +197,7 @@ class Layout:
             schema=data.get("schema") or {},
             compression=data.get("compression") or {},
             provenance=data.get("provenance") or {},
+            labels={str(k): str(v) for k, v in (data.get("labels") or {}).items()},
         )
 
     def layout_diff(self, other: "Layout") -> list[str]:
@@ -194,8 +223,14 @@ def build_layout(
     provenance: dict[str, Any] | None,
     compression: str,
     level: int,
+    label_task: str | None = None,
+    extra_labels: dict[str, tuple[str, tuple[int, ...]]] | None = None,
 ) -> Layout:
-    """Validate ``ShardStore.create`` arguments and turn them into a :class:`Layout`."""
+    """Validate ``ShardStore.create`` arguments and turn them into a :class:`Layout`.
+
+    extra_labels: a multi-label dataset's further label arrays, name -> (task, per-sample shape),
+    each float16 (keypoint heatmaps (K,H,W), depth (1,H,W)) with its own uncertainty array;
+    label_task names the primary `label` array's task (required with extra_labels)."""
     if int(num_samples) < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     if int(samples_per_shard) < 1:
@@ -235,6 +270,26 @@ def build_layout(
     }
     if with_uncertainty:
         arrays["uncertainty"] = ArraySpec((h, w), "float16", ("y", "x"))
+    labels: dict[str, str] = {}
+    if extra_labels:
+        if label_task not in LABEL_TASKS:
+            raise ValueError(f"label_task must be one of {LABEL_TASKS} when extra_labels are given, got {label_task!r}")
+        labels = {"label": label_task}
+        for name, (task, shape) in extra_labels.items():
+            if task not in LABEL_TASKS or task == "segmentation":
+                raise ValueError(f"extra label {name!r}: task must be keypoints or depth (segmentation is the "
+                                 f"primary `label` array), got {task!r}")
+            if name in arrays or name in ("w", "uncertainty") or name.startswith("uncertainty") or not name.isidentifier():
+                raise ValueError(f"extra label array name {name!r} is reserved or invalid; name it by its task")
+            if task in labels.values():
+                raise ValueError(f"two label arrays with task {task!r}; a dataset holds one array per label type")
+            shape = tuple(int(s) for s in shape)
+            if len(shape) != 3 or shape[1:] != (h, w):
+                raise ValueError(f"extra label {name!r} must have per-sample shape (K, {h}, {w}), got {shape}")
+            labels[name] = task
+            arrays[name] = ArraySpec(shape, "float16", ("channel", "y", "x"))
+            if with_uncertainty:
+                arrays[uncertainty_array(name)] = ArraySpec((h, w), "float16", ("y", "x"))
     if w_shape is not None:
         if len(w_shape) != 2 or min(w_shape) < 1:
             raise ValueError(f"w_shape must be (num_ws, w_dim), got {w_shape!r}")
@@ -246,6 +301,7 @@ def build_layout(
         schema=schema,
         compression={"name": compression, "level": int(level)},
         provenance=to_json_value(dict(provenance or {}), "provenance"),
+        labels=labels,
     )
 
 

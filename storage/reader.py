@@ -52,11 +52,12 @@ class _LazyReader:
 
 
 def to_torch(sample: dict[str, np.ndarray], sample_id: int) -> dict[str, Any]:
-    """numpy sample -> tensors: image (3,H,W) uint8, label/uncertainty/w as stored."""
+    """numpy sample -> tensors: image (3,H,W) uint8; every other array (label, uncertainty, w, and a
+    multi-label dataset's keypoints / depth / uncertainty_<type>) as stored."""
     out: dict[str, Any] = {"image": torch.from_numpy(np.ascontiguousarray(sample["image"].transpose(2, 0, 1)))}
-    for name in ("label", "uncertainty", "w"):
-        if name in sample:
-            out[name] = torch.from_numpy(np.ascontiguousarray(sample[name]))
+    for name, value in sample.items():
+        if name != "image":
+            out[name] = torch.from_numpy(np.ascontiguousarray(value))
     out["sample_id"] = int(sample_id)
     return out
 

@@ -72,8 +72,13 @@ class ShardStore:
         compression: str = "zstd",
         level: int = 3,
         storage_options: dict[str, Any] | None = None,
+        label_task: str | None = None,
+        extra_labels: dict[str, tuple[str, tuple[int, ...]]] | None = None,
     ) -> "ShardStore":
         """Create the dataset, or open it if it already exists with the same layout.
+
+        extra_labels (multi-label datasets): further label arrays, name -> (task, per-sample shape),
+        float16 with an uncertainty array each; label_task is then the primary `label`'s task.
 
         Re-running with identical arguments is a no-op (resume); a different
         layout or provenance raises :class:`LayoutMismatchError`. Call it once
@@ -92,6 +97,8 @@ class ShardStore:
             provenance=provenance,
             compression=compression,
             level=level,
+            label_task=label_task,
+            extra_labels=extra_labels,
         )
         if root.exists(DATASET_JSON):
             existing, info = read_layout(root)
@@ -189,7 +196,7 @@ class ShardStore:
         rng = self._layout.shard_range(index)
         arrays = self._validate_samples(index, samples, len(rng))
         frame = _manifest.rows_frame(rows, len(rng), self._layout)
-        checksums = shard_checksums(arrays)
+        checksums = shard_checksums(arrays, self._layout.checksum_arrays())
 
         existing = _manifest.read_part(self._root, index)
         if existing is not None:
@@ -245,8 +252,8 @@ class ShardStore:
     def _readback(self, index: int, checksums: list[str]) -> None:
         reader = self._sample_reader()
         reader._checked.discard(index)
-        names = [n for n in ("image", "label", "uncertainty") if n in self._layout.arrays]
-        got = shard_checksums(reader.read_shard(index, names))
+        names = self._layout.checksum_arrays()
+        got = shard_checksums(reader.read_shard(index, names), names)
         bad = [i for i, (a, b) in enumerate(zip(got, checksums, strict=True)) if a != b]
         if bad:
             raise CorruptShardError(

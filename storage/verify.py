@@ -110,11 +110,11 @@ def _verify_shard(root: Any, layout: Any, reader: SampleReader, index: int) -> l
             bad.append(BadShard(index, root.describe(layout.shard_file_key(name, index)), problem, fix))
     if bad or "image" not in data:
         return bad
-    got = shard_checksums(data)
+    got = shard_checksums(data, layout.checksum_arrays())
     want = list(part["checksum"])
     mismatched = [int(expected_ids[i]) for i, (g, w) in enumerate(zip(got, want, strict=True)) if g != w]
     if mismatched:
-        names = [n for n in ("image", "label", "uncertainty") if n in data]
+        names = layout.checksum_arrays()
         files = ", ".join(root.describe(layout.shard_file_key(n, index)) for n in names)
         more = "..." if len(mismatched) > 8 else ""
         bad.append(BadShard(index, files, f"checksum mismatch for sample(s) {mismatched[:8]}{more}", fix))

@@ -7,7 +7,7 @@ from prefect import get_run_logger, task
 
 import storage
 from labelfoundry.config import FilterSection
-from labelfoundry.filtering import compute_flags
+from labelfoundry.filtering import combined_score, compute_flags
 
 
 def _dedup_vectors(opened: storage.OpenedDataset, kind: str) -> np.ndarray:
@@ -27,9 +27,16 @@ def filter_task(store_path: str, manifest_hash_: str, filter_cfg: FilterSection,
     log = get_run_logger()
     opened = storage.open_dataset(store_path, filter=None)
     m = opened.manifest
+    score = filter_cfg.score
+    types = list(opened.layout.label_arrays)
+    if len(types) > 1:  # one score per label type: combine them by the configured rule
+        cols = [storage.score_column(a, top10=score == "score_top10") for a in types]
+        m = m.assign(score_combined=combined_score(m, cols, filter_cfg.combine).to_numpy())
+        score = "score_combined"
+        log.info("filter: combining %s by %s", cols, filter_cfg.combine)
     vecs = _dedup_vectors(opened, filter_cfg.dedup) if filter_cfg.dedup != "none" else None
     flags = compute_flags(
-        m, drop_top=filter_cfg.drop_top, score=filter_cfg.score, dedup_vectors=vecs,
+        m, drop_top=filter_cfg.drop_top, score=score, dedup_vectors=vecs,
         dedup_threshold=filter_cfg.dedup_threshold, class_balance=filter_cfg.class_balance or None,
     )
     storage.ShardStore.open(store_path, mode="a").write_flags(flags, name="default")

@@ -42,16 +42,18 @@ def fit_data(inverted: Artifact, method: str, discriminator=None, log=None) -> F
 
 @task(name="fit", retries=1, retry_condition_fn=retry_transient)
 def fit_task(
-    run_dir: str, generator: str, generator_hash: str, inverted: Artifact, labeler_cfg, code_version: str, device: str
+    run_dir: str, generator: str, generator_hash: str, inverted: Artifact, labeler_cfg, code_version: str, device: str,
+    array: str = "label",
 ) -> LabelerArtifact:
-    """labeler_cfg: the run config's labeler section (a registered labeler's pydantic config)."""
+    """labeler_cfg: a registered labeler's pydantic config (the run's `labeler`, or one of its
+    `extra_labelers`, whose label array `array` names its file)."""
     log = get_run_logger()
     nets = load_networks_cached(generator, device)
     data = fit_data(inverted, labeler_cfg.method, nets.D, log)
     labeler = labeler_class(labeler_cfg.method).fit(
         nets.G, data, labeler_cfg, device=device, progress=lambda d: log.info("fit %s", d)
     )
-    out = Path(run_dir) / "fit" / "labeler.safetensors"
+    out = Path(run_dir) / "fit" / ("labeler.safetensors" if array == "label" else f"labeler-{array}.safetensors")
     labeler.save(out)
     log.info("%s labeler fitted", labeler_cfg.method)
     G = nets.G
