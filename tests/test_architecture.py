@@ -87,16 +87,26 @@ def test_the_project_has_no_import_cycle():
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
+STORAGE_MAY_IMPORT = {"labelfoundry.atomic", "labelfoundry.label_arrays"}
+
+
+def test_the_core_helpers_storage_imports_are_torch_free():
+    """A reader job installs storage without torch: what it imports from the core must not pull it in."""
+    for mod in STORAGE_MAY_IMPORT:
+        path = ROOT / (mod.replace(".", "/") + ".py")
+        assert not {n.split(".")[0] for n in _third_party(path)} & {"torch", "kornia", "lpips", "faiss"}, path
+
+
 def test_layers_point_one_way():
     """flows -> tasks -> labelfoundry <- storage: the core never imports prefect, tasks, flows or
-    storage; storage imports only the core's torch-free atomic-write helper."""
+    storage; storage imports only the core's torch-free helpers (atomic writes, label array names)."""
     graph = import_graph()
     for mod, deps in graph.items():
         top = mod.split(".")[0]
         if top == "labelfoundry":
             assert not {d.split(".")[0] for d in deps} & {"tasks", "flows", "storage"}, mod
         if top == "storage":
-            assert {d for d in deps if not d.startswith("storage")} <= {"labelfoundry.atomic"}, mod
+            assert {d for d in deps if not d.startswith("storage")} <= STORAGE_MAY_IMPORT, mod
         if top == "tasks":
             assert not any(d.startswith("flows") for d in deps), mod
     for path in (ROOT / "labelfoundry").rglob("*.py"):

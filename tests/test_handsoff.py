@@ -119,6 +119,24 @@ def test_fit_and_label_end_to_end(tmp_path, G, batch):
     assert torch.equal(back.label(GenBatch(ws, img, taps)).label, out2.label)
 
 
+def test_labeling_plan_is_reused_until_the_weights_change(G, batch):
+    """The folded weights are cached across label() calls, and rebuilt after any in-place write
+    (an optimiser step, load_state_dict): the labels always follow the current weights."""
+    ws, img, taps = batch
+    cfg = HandsOffConfig(members=2, hidden=(8, 4), min_steps=5, pixels_per_image=64)
+    lab = HandsOffLabeler.fit(G, fit_data(_masks(img), 3, latents=ws), cfg)
+    first = lab.label(GenBatch(ws, img, taps))
+    plan = lab._plan
+    assert torch.equal(lab.label(GenBatch(ws, img, taps)).uncertainty, first.uncertainty) and lab._plan is plan
+    with torch.no_grad():
+        lab.net.b3[:, 0] += 5.0  # every member now favours class 0
+    moved = lab.label(GenBatch(ws, img, taps))
+    assert lab._plan is not plan and not torch.equal(moved.uncertainty, first.uncertainty)
+    fresh = HandsOffLabeler(lab.cfg, lab.tap_channels, lab.resolution, lab.num_outputs, lab.meta)
+    fresh.load_state_dict(lab.state_dict())
+    assert torch.equal(fresh.eval().label(GenBatch(ws, img, taps)).uncertainty, moved.uncertainty)
+
+
 def test_fit_continuous_tasks(G, batch):
     ws, img, taps = batch
     depth = img[:, 0].detach() * 2 + 5

@@ -238,6 +238,18 @@ class HandsOffLabeler(nn.Module):
     # ---------------------------------------------------------------- labeling
     @torch.no_grad()
     def _labeling_plan(self, taps: list[torch.Tensor], dtype: torch.dtype) -> tuple[TiledProjection, dict[str, torch.Tensor]]:
+        """The plan of `_build_plan`, kept across calls: rebuilt only when the dtype, the tile size,
+        the taps' shapes or the device change, or any weight or BN statistic was written since
+        (tensor version counters), so mass generation folds the weights once, not once per batch."""
+        key = (dtype, self.cfg.tile_pixels, taps[0].device, tuple((t.shape[1], t.shape[-1]) for t in taps),
+               tuple(t._version for t in (*self.net.parameters(), *self.net.buffers())))
+        cached = getattr(self, "_plan", None)
+        if cached is None or cached[0] != key:
+            self._plan = cached = (key, self._build_plan(taps, dtype))
+        return cached[1]
+
+    @torch.no_grad()
+    def _build_plan(self, taps: list[torch.Tensor], dtype: torch.dtype) -> tuple[TiledProjection, dict[str, torch.Tensor]]:
         """Eval-mode BatchNorms folded into the first two layers (two passes fewer per tile), the
         first layer planned over the taps' resolutions, the head's weights laid out for (M, P, .)
         batched GEMMs, all in the compute dtype."""
