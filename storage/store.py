@@ -8,6 +8,12 @@ exists. ``write_shard`` writes the whole shard region of every array in one
 slice assignment, reads it back and checks checksums, and only then publishes
 the manifest part atomically. A crash at any point leaves the shard
 uncommitted, and resuming simply rewrites it (idempotently).
+
+Rewriting never reads a shard's previous bytes: ``write_shard`` deletes an
+uncommitted shard's files before writing, so a truncated or corrupt leftover
+cannot fail the rewrite (zarr would otherwise merge into the old shard file).
+``create`` runs under a lock file (``dataset.lock``, local disks) so processes
+starting the same dataset at once create it exactly once.
 """
 
 from __future__ import annotations
@@ -34,13 +40,15 @@ from .errors import (
 )
 from .fsio import Root, resolve
 from .hashing import shard_checksums
-from .layout import DATASET_JSON, MANIFEST_DIR, Layout, build_layout, manifest_part_key, read_layout
+from .layout import DATA_DIR, DATASET_JSON, MANIFEST_DIR, Layout, build_layout, manifest_part_key, read_layout
 from .sample_reader import SampleReader
 from .zarr_io import create_arrays, open_arrays, versions
 
 log = logging.getLogger(__name__)
 
 _MODES = ("r", "r+", "a")
+# Lock file of dataset creation, under the dataset root (no leading '.': temp files have that).
+CREATE_LOCK = "dataset.lock"
 
 
 class ShardStore:
@@ -93,23 +101,32 @@ class ShardStore:
             compression=compression,
             level=level,
         )
-        if root.exists(DATASET_JSON):
-            existing, info = read_layout(root)
-            _check_same(root, layout, existing)
-            return cls(root, existing, info, "a")
-        if _manifest.committed_indices(root, layout.num_shards):
-            raise LayoutMismatchError(
-                f"{root.describe(MANIFEST_DIR)} has committed shards but {root.describe(DATASET_JSON)} "
-                "is missing; refusing to overwrite. Delete the directory to start over"
-            )
-        create_arrays(root, layout)
-        info = layout.to_dict()
-        info["created_at"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-        info["created_with"] = _versions()
-        root.makedirs(MANIFEST_DIR)
-        # dataset.json last: its presence means the arrays exist.
-        root.write_atomic(DATASET_JSON, json.dumps(info, indent=2, sort_keys=True).encode())
+        if root.exists(DATASET_JSON):  # the common resume case needs no lock
+            return cls._reopen(root, layout)
+        with root.lock(CREATE_LOCK):  # check-then-create, once across processes
+            if root.exists(DATASET_JSON):  # another process created it while we waited
+                return cls._reopen(root, layout)
+            if _manifest.committed_indices(root, layout.num_shards):
+                raise LayoutMismatchError(
+                    f"{root.describe(MANIFEST_DIR)} has committed shards but {root.describe(DATASET_JSON)} "
+                    "is missing; refusing to overwrite. Delete the directory to start over"
+                )
+            with root.writing(DATA_DIR):
+                create_arrays(root, layout)
+            info = layout.to_dict()
+            info["created_at"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+            info["created_with"] = _versions()
+            with root.writing(MANIFEST_DIR):
+                root.makedirs(MANIFEST_DIR)
+            # dataset.json last: its presence means the arrays exist.
+            root.write_atomic(DATASET_JSON, json.dumps(info, indent=2, sort_keys=True).encode())
         return cls(root, layout, info, "a")
+
+    @classmethod
+    def _reopen(cls, root: Root, layout: Layout) -> "ShardStore":
+        existing, info = read_layout(root)
+        _check_same(root, layout, existing)
+        return cls(root, existing, info, "a")
 
     @classmethod
     def open(cls, path: str, mode: str = "r", storage_options: dict[str, Any] | None = None) -> "ShardStore":
@@ -203,9 +220,11 @@ class ShardStore:
                 )
             self._root.remove(manifest_part_key(index))  # uncommit before touching data
 
+        self._remove_shard_files(index)  # never merge into (so never read) a previous, maybe damaged, file
         target = self._arrays_for_write()
         for name, data in arrays.items():
-            target[name][rng.start : rng.stop] = data  # one whole-shard write per array
+            with self._root.writing(self._layout.shard_file_key(name, index)):
+                target[name][rng.start : rng.stop] = data  # one whole-shard write per array
 
         if verify_readback:
             self._readback(index, checksums)
@@ -253,6 +272,21 @@ class ShardStore:
                 f"read-back of shard {index} ({self.shard_file('image', index)}) does not match what was "
                 f"written for {len(bad)} sample(s); not committing. Retry the task"
             )
+
+    def uncommit(self, index: int) -> None:
+        """Make shard ``index`` uncommitted and delete its data files (repair of a damaged shard).
+
+        The manifest part goes first, so a crash in between leaves an uncommitted shard, never a
+        committed one without data; the next generation rewrites it from scratch."""
+        if self.mode == "r":
+            raise ReadOnlyError(f"{self.url} was opened with mode='r'; use ShardStore.open(path, mode='a') to repair")
+        index = self._check_index(index)
+        self._root.remove(manifest_part_key(index))
+        self._remove_shard_files(index)
+
+    def _remove_shard_files(self, index: int) -> None:
+        for name in self._layout.arrays:
+            self._root.remove(self._layout.shard_file_key(name, index))
 
     # ------------------------------------------------------------- manifest
     def committed_shards(self) -> list[int]:
