@@ -9,9 +9,12 @@ slice assignment, reads it back and checks checksums, and only then publishes
 the manifest part atomically. A crash at any point leaves the shard
 uncommitted, and resuming simply rewrites it (idempotently).
 
-Rewriting never reads a shard's previous bytes: ``write_shard`` deletes an
-uncommitted shard's files before writing, so a truncated or corrupt leftover
-cannot fail the rewrite (zarr would otherwise merge into the old shard file).
+A rewrite never depends on the previous bytes: zarr merges a write into the
+existing shard file, replacing every sample's chunk without decoding one, but
+fails on a file whose shard index is damaged (e.g. truncated). ``write_shard``
+deletes such a file first. A readable one is kept until zarr atomically
+replaces it, so a second process writing the same shard (two runs of one
+config) never leaves a committed shard without its files.
 ``create`` runs under a lock file (``dataset.lock``, local disks) so processes
 starting the same dataset at once create it exactly once.
 """
@@ -42,6 +45,7 @@ from .fsio import Root, resolve
 from .hashing import shard_checksums
 from .layout import DATA_DIR, DATASET_JSON, MANIFEST_DIR, Layout, build_layout, manifest_part_key, read_layout
 from .sample_reader import SampleReader
+from .verify import shard_file_problem
 from .zarr_io import create_arrays, open_arrays, versions
 
 log = logging.getLogger(__name__)
@@ -220,7 +224,7 @@ class ShardStore:
                 )
             self._root.remove(manifest_part_key(index))  # uncommit before touching data
 
-        self._remove_shard_files(index)  # never merge into (so never read) a previous, maybe damaged, file
+        self._remove_damaged_files(index)  # zarr would fail merging into them
         target = self._arrays_for_write()
         for name, data in arrays.items():
             with self._root.writing(self._layout.shard_file_key(name, index)):
@@ -287,6 +291,13 @@ class ShardStore:
     def _remove_shard_files(self, index: int) -> None:
         for name in self._layout.arrays:
             self._root.remove(self._layout.shard_file_key(name, index))
+
+    def _remove_damaged_files(self, index: int) -> None:
+        for name in self._layout.arrays:
+            key = self._layout.shard_file_key(name, index)
+            if self._root.size(key) is not None and shard_file_problem(self._root, self._layout, key, index):
+                log.info("deleting damaged %s before rewriting shard %d", self._root.describe(key), index)
+                self._root.remove(key)
 
     # ------------------------------------------------------------- manifest
     def committed_shards(self) -> list[int]:

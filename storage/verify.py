@@ -193,7 +193,7 @@ def _verify_shard(root: Root, layout: Layout, reader: SampleReader, index: int, 
     bad: list[BadShard] = []
     for name in layout.arrays:
         key = layout.shard_file_key(name, index)
-        problem = _shard_file_problem(root, layout, key, index)
+        problem = shard_file_problem(root, layout, key, index)
         if problem:
             bad.append(BadShard(index, root.describe(key), problem, fix))
     if bad or not deep:
@@ -220,7 +220,7 @@ def _verify_shard(root: Root, layout: Layout, reader: SampleReader, index: int, 
     return bad
 
 
-def _shard_file_problem(root: Root, layout: Layout, key: str, index: int) -> str | None:
+def shard_file_problem(root: Root, layout: Layout, key: str, index: int) -> str | None:
     """What is wrong with one shard file judged by its size and shard index alone, or None.
 
     Reads only the index at the file's end: a truncated file loses it (crc32c mismatch), and every

@@ -101,6 +101,24 @@ def test_the_fix_verify_prints_works_rewriting_never_reads_the_old_shard(tmp_pat
     assert report.ok and report.complete, str(report)
 
 
+def test_a_second_writer_of_a_shard_never_deletes_its_readable_files(tmp_path, monkeypatch):
+    """Two runs of one config may write the same shard: the second must not delete the files the
+    first just committed (only a damaged file is deleted before a rewrite)."""
+    import storage.fsio as fsio
+
+    url = str(tmp_path / "ds")
+    store = _create(url)
+    samples = make_samples(store, 1)
+    store.write_shard(1, *samples)
+    _part(url, 1).unlink()  # as seen by a writer that checked before the first one committed
+    removed: list[str] = []
+    real_remove = fsio.Root.remove
+    monkeypatch.setattr(fsio.Root, "remove", lambda self, rel: (removed.append(rel), real_remove(self, rel)))
+    ShardStore.open(url, mode="a").write_shard(1, *samples)
+    assert [r for r in removed if r.startswith("data.zarr/")] == []
+    assert verify(url).ok and verify(url).checked == [1]
+
+
 def test_quick_check_catches_truncation_without_decoding(tmp_path):
     url = str(tmp_path / "ds")
     store = _create(url)
