@@ -45,7 +45,7 @@ from .fsio import Root, resolve
 from .hashing import shard_checksums
 from .layout import DATA_DIR, DATASET_JSON, MANIFEST_DIR, Layout, build_layout, manifest_part_key, read_layout
 from .sample_reader import SampleReader
-from .verify import shard_file_problem
+from .shard_index import shard_file_problem
 from .zarr_io import create_arrays, open_arrays, versions
 
 log = logging.getLogger(__name__)

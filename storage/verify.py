@@ -15,7 +15,6 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-import google_crc32c
 import numpy as np
 
 from . import manifest as _manifest
@@ -24,6 +23,8 @@ from .fsio import Root, resolve
 from .hashing import shard_checksums
 from .layout import Layout, manifest_part_key, read_layout
 from .sample_reader import SampleReader, regenerate_hint
+from .shard_index import shard_file_problem
+from .store import ShardStore
 
 log = logging.getLogger(__name__)
 
@@ -31,11 +32,6 @@ RERUN_FIX = (
     "re-run the same `labelfoundry run`/`labelfoundry generate` command (or the flow) with the same config: "
     "generation skips committed shards and writes these"
 )
-# Zarr v3 sharding (zarr's default codec, as `zarr_io.create_arrays` makes it): each shard file ends
-# with its index, one little-endian uint64 (offset, nbytes) pair per inner chunk, then a crc32c.
-_INDEX_ENTRY_BYTES = 16
-_CRC_BYTES = 4
-_EMPTY = np.uint64(2**64 - 1)
 _MAX_LISTED = 40  # uncommitted shards listed one per line; the rest are summarised
 
 
@@ -159,8 +155,6 @@ def verify(path: str, storage_options: dict[str, Any] | None = None, *, deep: bo
 def repair(path: str, storage_options: dict[str, Any] | None = None, *, deep: bool = True) -> VerifyReport:
     """Verify, then uncommit every bad shard (manifest part removed, data files deleted), so that
     re-running generation (which skips committed shards) regenerates exactly those. Logs each one."""
-    from .store import ShardStore
-
     report = verify(path, storage_options, deep=deep)
     if report.bad:
         store = ShardStore.open(path, mode="a", storage_options=storage_options)
@@ -218,28 +212,3 @@ def _verify_shard(root: Root, layout: Layout, reader: SampleReader, index: int, 
         more = "..." if len(mismatched) > 8 else ""
         bad.append(BadShard(index, files, f"checksum mismatch for sample(s) {mismatched[:8]}{more}", fix))
     return bad
-
-
-def shard_file_problem(root: Root, layout: Layout, key: str, index: int) -> str | None:
-    """What is wrong with one shard file judged by its size and shard index alone, or None.
-
-    Reads only the index at the file's end: a truncated file loses it (crc32c mismatch), and every
-    sample of the shard must have a chunk (arrays are written with write_empty_chunks=True) lying
-    inside the file."""
-    size = root.size(key)
-    if not size:
-        return "shard file missing" if size is None else "shard file empty"
-    index_bytes = layout.samples_per_shard * _INDEX_ENTRY_BYTES + _CRC_BYTES
-    if size < index_bytes:
-        return f"shard file truncated: {size} bytes, less than its {index_bytes}-byte shard index"
-    tail = root.read_range(key, size - index_bytes, size)
-    if google_crc32c.value(tail[:-_CRC_BYTES]) != int.from_bytes(tail[-_CRC_BYTES:], "little"):
-        return f"shard file truncated or corrupt: its shard index (last {index_bytes} bytes) fails its crc32c"
-    pairs = np.frombuffer(tail[:-_CRC_BYTES], dtype="<u8").reshape(-1, 2)[: len(layout.shard_range(index))]
-    absent = np.flatnonzero(pairs[:, 0] == _EMPTY)
-    if len(absent):
-        return f"shard file lacks the chunks of {len(absent)} sample(s) (shard positions {absent[:8].tolist()})"
-    ends = pairs[:, 0].astype(np.int64) + pairs[:, 1].astype(np.int64)
-    if int(ends.max()) > size - index_bytes:
-        return f"shard file truncated: its index points past the data ({int(ends.max())} > {size - index_bytes} bytes)"
-    return None
