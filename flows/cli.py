@@ -231,13 +231,20 @@ def generate(
 
 @app.command()
 @_one_message
-def verify(path: str = typer.Argument(..., help="dataset directory or fsspec URL")) -> None:
-    """Re-read every committed shard and check it against the manifest checksums."""
+def verify(
+    path: str = typer.Argument(..., help="dataset directory or fsspec URL"),
+    repair: bool = typer.Option(
+        False, "--repair", help="uncommit every damaged shard (manifest part and data files deleted) so that "
+        "re-running the same run/generate command regenerates exactly those"),
+) -> None:
+    """Re-read every committed shard against the manifest checksums and list the shards dataset.json
+    declares that are not committed. Exit 0: complete and intact; 1: damaged; 2: incomplete
+    (generation unfinished, a lost manifest part, or shards uncommitted by --repair)."""
     import storage
 
-    report = storage.verify(path)
-    console.print(str(report), markup=False)
-    raise typer.Exit(0 if report.ok else 1)
+    report = storage.repair(path) if repair else storage.verify(path)
+    console.print(str(report), markup=False, highlight=False, soft_wrap=True)
+    raise typer.Exit(0 if report.ok and report.complete else 1 if not report.ok else 2)
 
 
 @app.command()

@@ -67,6 +67,12 @@ def generate_stage(cfg: RunConfig, run_dir: Path, gh: str, labeler: LabelerArtif
     if extra:
         provenance["extra_labelers"] = {k: {"labeler": a.method, "labeler_hash": a.hash, "task": a.task} for k, a in extra.items()}
     store = prepare_store(path, labeler, cfg.generate, provenance, extra)
+    recheck = storage.repair(path, deep=False)  # a re-run re-checks committed data (cheap: no decoding)
+    if recheck.repaired:
+        get_run_logger().warning(
+            "re-check of %s found damaged shards %s; uncommitted them to regenerate:\n%s",
+            path, recheck.repaired, "\n".join(str(b) for b in recheck.bad),
+        )
     k = cfg.generate.shards_per_task
     groups = [list(range(i, min(i + k, store.num_shards))) for i in range(0, store.num_shards, k)]
     task_args = dict(store_path=path, generator=cfg.generator.name, generator_hash=gh, labeler=labeler, gen=cfg.generate,
@@ -75,10 +81,31 @@ def generate_stage(cfg: RunConfig, run_dir: Path, gh: str, labeler: LabelerArtif
         task_args["extra_labelers"] = extra
     generate_subflow.with_options(task_runner=make_task_runner(cfg.runner))(run_dir=str(run_dir), groups=groups, task_args=task_args)
     missing = storage.ShardStore.open(path).uncommitted_shards()
-    if missing:  # a cached task whose shard was deleted since: regenerate without the cache
-        get_run_logger().warning("shards %s not committed after generation; regenerating them", missing[:10])
+    if missing:  # a cached task whose shard was deleted or found damaged since: regenerate without the cache
+        log = get_run_logger()
+        log.warning("shards %s not committed after generation; regenerating them", missing)
         cached(generate_shards_task, run_dir, refresh=True)(shard_indices=missing, **task_args)
+        log.info("regenerated shards %s of %s", missing, path)
     return path
+
+
+def write_run_file(path: Path, text: str) -> None:
+    """Write a run-directory file unless it already holds ``text``: a fully cached re-run then needs
+    no write access to the run dir. A failed write names the directory and the fix."""
+    try:
+        if path.is_file() and path.read_text() == text:
+            return
+    except OSError:
+        pass  # unreadable: try to write it
+    try:
+        path.write_text(text)
+    except OSError as exc:
+        raise OSError(
+            exc.errno,
+            f"cannot write {path.name} in the run directory {path.parent} ({exc.strerror or exc}); make "
+            "that directory writable, or set run_dir (config or --run-dir) to a writable directory",
+            str(path),
+        ) from exc
 
 
 @flow(name="factory", log_prints=True)
@@ -91,7 +118,7 @@ def factory(config: str | None = None, overrides: dict | None = None, stop_after
     log = get_run_logger()
     run_dir = Path(cfg.run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    write_run_file(run_dir / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     device = cfg.resolved_device()
     cv = code_version()
     gh = generator_hash(cfg.generator.name)
@@ -129,5 +156,5 @@ def factory(config: str | None = None, overrides: dict | None = None, stop_after
             from tasks.evaluate import evaluate_stage
 
             summary["evaluation"] = evaluate_stage(cfg, run_dir, inverted, store_path, mh, fh, device, cv)
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_run_file(run_dir / "summary.json", json.dumps(summary, indent=2))
     return summary

@@ -15,6 +15,8 @@ from typing import Any
 from .dataset import OpenedDataset, flags_hash, manifest_hash, open_dataset
 from .errors import (
     CorruptShardError,
+    DatasetLockError,
+    DiskFullError,
     FormatVersionError,
     LayoutMismatchError,
     MissingChunkError,
@@ -29,7 +31,7 @@ from .errors import (
 from .hashing import sample_checksum, shard_seed
 from .layout import FORMAT_VERSION, score_column, uncertainty_array
 from .store import ShardStore
-from .verify import BadShard, VerifyReport, verify
+from .verify import BadShard, VerifyReport, repair, verify
 
 _LAZY = {"ShardDataset", "ShardIterableDataset"}
 
@@ -46,6 +48,8 @@ __all__ = [
     "FORMAT_VERSION",
     "BadShard",
     "CorruptShardError",
+    "DatasetLockError",
+    "DiskFullError",
     "FormatVersionError",
     "LayoutMismatchError",
     "MissingChunkError",
@@ -64,6 +68,7 @@ __all__ = [
     "flags_hash",
     "manifest_hash",
     "open_dataset",
+    "repair",
     "sample_checksum",
     "score_column",
     "shard_seed",

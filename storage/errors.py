@@ -47,5 +47,17 @@ class CorruptShardError(StorageError):
     """A shard's data failed to decode or does not match its manifest checksums."""
 
 
+class DiskFullError(StorageError, OSError):
+    """No space left (or quota exceeded) while writing a dataset; ``errno`` stays ENOSPC/EDQUOT so
+    task retries treat it as permanent (`tasks.common.is_permanent`)."""
+
+    def __str__(self) -> str:
+        return f"[Errno {self.errno}] {self.strerror}"
+
+
+class DatasetLockError(StorageError, TimeoutError):
+    """Another process held the dataset's creation lock for too long."""
+
+
 class ReadOnlyError(StorageError, PermissionError):
     """A write was attempted on a dataset opened with ``mode='r'``."""

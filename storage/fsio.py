@@ -8,9 +8,12 @@ must appear all-or-nothing, so every such file goes through
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import posixpath
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +21,11 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from labelfoundry.atomic import atomic_write_bytes
+
+from .errors import DatasetLockError, DiskFullError
+
+# A full disk or an exhausted quota: nothing a retry seconds later can fix.
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 @dataclass
@@ -65,6 +73,10 @@ class Root:
     def read_bytes(self, relative: str) -> bytes:
         return self.fs.cat_file(self.key(relative))
 
+    def read_range(self, relative: str, start: int, end: int) -> bytes:
+        """Bytes ``[start, end)`` of a file (one ranged GET on object stores)."""
+        return self.fs.cat_file(self.key(relative), start=start, end=end)
+
     def read_many(self, relatives: list[str]) -> dict[str, bytes]:
         """Read several files (concurrently on async filesystems such as s3)."""
         if not relatives:
@@ -93,7 +105,50 @@ class Root:
         self.fs.makedirs(self.key(relative), exist_ok=True)
 
     def write_atomic(self, relative: str, data: bytes) -> None:
-        atomic_write(self.fs, self.key(relative), data)
+        with self.writing(relative):
+            atomic_write(self.fs, self.key(relative), data)
+
+    @contextlib.contextmanager
+    def writing(self, relative: str) -> Iterator[None]:
+        """Turn a full disk while writing ``relative`` into a :class:`DiskFullError` that names the
+        dataset and the file: the bare ``OSError: [Errno 28]`` names neither."""
+        try:
+            yield
+        except DiskFullError:
+            raise
+        except OSError as exc:
+            if exc.errno not in DISK_FULL_ERRNOS:
+                raise
+            where = self.describe(relative)
+            if exc.filename and os.fspath(exc.filename) != self.key(relative):
+                where += f" (at {exc.filename})"
+            raise DiskFullError(
+                exc.errno,
+                f"{os.strerror(exc.errno)} while writing {where} of dataset {self.url}: free space on that "
+                "disk (or point run_dir at one with room) and re-run the same command: committed shards "
+                "are kept and only the rest is generated",
+            ) from exc
+
+    @contextlib.contextmanager
+    def lock(self, name: str, timeout: float = 600.0) -> Iterator[None]:
+        """Hold an exclusive cross-process lock (file ``name`` under the root) on local disks.
+
+        Other filesystems get no lock: fsspec offers none, and their writes stay safe through
+        atomic publishing of dataset.json and manifest parts."""
+        if not self.is_local:
+            yield
+            return
+        from filelock import FileLock, Timeout
+
+        self.makedirs("")
+        try:
+            with FileLock(self.key(name), timeout=timeout):
+                yield
+        except Timeout as exc:
+            raise DatasetLockError(
+                f"{self.describe(name)} stayed locked by another process for {timeout:.0f} s; if no other "
+                "labelfoundry process is creating this dataset, delete that file and retry"
+            ) from exc
 
 
 def resolve(path: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> Root:

@@ -8,6 +8,15 @@ exists. ``write_shard`` writes the whole shard region of every array in one
 slice assignment, reads it back and checks checksums, and only then publishes
 the manifest part atomically. A crash at any point leaves the shard
 uncommitted, and resuming simply rewrites it (idempotently).
+
+A rewrite never depends on the previous bytes: zarr merges a write into the
+existing shard file, replacing every sample's chunk without decoding one, but
+fails on a file whose shard index is damaged (e.g. truncated). ``write_shard``
+deletes such a file first. A readable one is kept until zarr atomically
+replaces it, so a second process writing the same shard (two runs of one
+config) never leaves a committed shard without its files.
+``create`` runs under a lock file (``dataset.lock``, local disks) so processes
+starting the same dataset at once create it exactly once.
 """
 
 from __future__ import annotations
@@ -34,13 +43,16 @@ from .errors import (
 )
 from .fsio import Root, resolve
 from .hashing import shard_checksums
-from .layout import DATASET_JSON, MANIFEST_DIR, Layout, build_layout, manifest_part_key, read_layout
+from .layout import DATA_DIR, DATASET_JSON, MANIFEST_DIR, Layout, build_layout, manifest_part_key, read_layout
 from .sample_reader import SampleReader
+from .shard_index import shard_file_problem
 from .zarr_io import create_arrays, open_arrays, versions
 
 log = logging.getLogger(__name__)
 
 _MODES = ("r", "r+", "a")
+# Lock file of dataset creation, under the dataset root (no leading '.': temp files have that).
+CREATE_LOCK = "dataset.lock"
 
 
 class ShardStore:
@@ -100,23 +112,32 @@ class ShardStore:
             label_task=label_task,
             extra_labels=extra_labels,
         )
-        if root.exists(DATASET_JSON):
-            existing, info = read_layout(root)
-            _check_same(root, layout, existing)
-            return cls(root, existing, info, "a")
-        if _manifest.committed_indices(root, layout.num_shards):
-            raise LayoutMismatchError(
-                f"{root.describe(MANIFEST_DIR)} has committed shards but {root.describe(DATASET_JSON)} "
-                "is missing; refusing to overwrite. Delete the directory to start over"
-            )
-        create_arrays(root, layout)
-        info = layout.to_dict()
-        info["created_at"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-        info["created_with"] = _versions()
-        root.makedirs(MANIFEST_DIR)
-        # dataset.json last: its presence means the arrays exist.
-        root.write_atomic(DATASET_JSON, json.dumps(info, indent=2, sort_keys=True).encode())
+        if root.exists(DATASET_JSON):  # the common resume case needs no lock
+            return cls._reopen(root, layout)
+        with root.lock(CREATE_LOCK):  # check-then-create, once across processes
+            if root.exists(DATASET_JSON):  # another process created it while we waited
+                return cls._reopen(root, layout)
+            if _manifest.committed_indices(root, layout.num_shards):
+                raise LayoutMismatchError(
+                    f"{root.describe(MANIFEST_DIR)} has committed shards but {root.describe(DATASET_JSON)} "
+                    "is missing; refusing to overwrite. Delete the directory to start over"
+                )
+            with root.writing(DATA_DIR):
+                create_arrays(root, layout)
+            info = layout.to_dict()
+            info["created_at"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+            info["created_with"] = _versions()
+            with root.writing(MANIFEST_DIR):
+                root.makedirs(MANIFEST_DIR)
+            # dataset.json last: its presence means the arrays exist.
+            root.write_atomic(DATASET_JSON, json.dumps(info, indent=2, sort_keys=True).encode())
         return cls(root, layout, info, "a")
+
+    @classmethod
+    def _reopen(cls, root: Root, layout: Layout) -> "ShardStore":
+        existing, info = read_layout(root)
+        _check_same(root, layout, existing)
+        return cls(root, existing, info, "a")
 
     @classmethod
     def open(cls, path: str, mode: str = "r", storage_options: dict[str, Any] | None = None) -> "ShardStore":
@@ -210,9 +231,11 @@ class ShardStore:
                 )
             self._root.remove(manifest_part_key(index))  # uncommit before touching data
 
+        self._remove_damaged_files(index)  # zarr would fail merging into them
         target = self._arrays_for_write()
         for name, data in arrays.items():
-            target[name][rng.start : rng.stop] = data  # one whole-shard write per array
+            with self._root.writing(self._layout.shard_file_key(name, index)):
+                target[name][rng.start : rng.stop] = data  # one whole-shard write per array
 
         if verify_readback:
             self._readback(index, checksums)
@@ -260,6 +283,28 @@ class ShardStore:
                 f"read-back of shard {index} ({self.shard_file('image', index)}) does not match what was "
                 f"written for {len(bad)} sample(s); not committing. Retry the task"
             )
+
+    def uncommit(self, index: int) -> None:
+        """Make shard ``index`` uncommitted and delete its data files (repair of a damaged shard).
+
+        The manifest part goes first, so a crash in between leaves an uncommitted shard, never a
+        committed one without data; the next generation rewrites it from scratch."""
+        if self.mode == "r":
+            raise ReadOnlyError(f"{self.url} was opened with mode='r'; use ShardStore.open(path, mode='a') to repair")
+        index = self._check_index(index)
+        self._root.remove(manifest_part_key(index))
+        self._remove_shard_files(index)
+
+    def _remove_shard_files(self, index: int) -> None:
+        for name in self._layout.arrays:
+            self._root.remove(self._layout.shard_file_key(name, index))
+
+    def _remove_damaged_files(self, index: int) -> None:
+        for name in self._layout.arrays:
+            key = self._layout.shard_file_key(name, index)
+            if self._root.size(key) is not None and shard_file_problem(self._root, self._layout, key, index):
+                log.info("deleting damaged %s before rewriting shard %d", self._root.describe(key), index)
+                self._root.remove(key)
 
     # ------------------------------------------------------------- manifest
     def committed_shards(self) -> list[int]:
