@@ -24,7 +24,7 @@ from tasks.generate import dataset_path, generate_shards_task, prepare_store
 from tasks.invert import invert_task
 from tasks.report import publish_dataset_report, report_task
 
-from .runners import make_task_runner
+from .runners import task_runner
 
 
 def run_stage(task, **kwargs) -> Artifact:
@@ -79,7 +79,8 @@ def generate_stage(cfg: RunConfig, run_dir: Path, gh: str, labeler: LabelerArtif
                      run_seed=cfg.seed, code_version=cv, device=device, torch_threads=cfg.runner.torch_threads)
     if extra:
         task_args["extra_labelers"] = extra
-    generate_subflow.with_options(task_runner=make_task_runner(cfg.runner))(run_dir=str(run_dir), groups=groups, task_args=task_args)
+    with task_runner(cfg.runner) as runner:
+        generate_subflow.with_options(task_runner=runner)(run_dir=str(run_dir), groups=groups, task_args=task_args)
     missing = storage.ShardStore.open(path).uncommitted_shards()
     if missing:  # a cached task whose shard was deleted or found damaged since: regenerate without the cache
         log = get_run_logger()

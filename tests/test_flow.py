@@ -1,5 +1,5 @@
 """Flow-level tests of the factory: caching, stage invalidation, kill -9 + resume, filter flags in the
-flow, and the Dask task runner giving the same bytes as threads.
+flow, and the Dask and Ray task runners giving the same bytes as threads, reporting to one server.
 
 Everything runs on a random resolution-16 generator (conftest.tiny_generator) with a tiny config, in
 process against the session's Prefect test server (conftest.prefect_server), except the kill -9 test,
@@ -346,27 +346,108 @@ def test_kill_9_during_generation_then_rerun_generates_only_uncommitted_shards(t
     assert resumed["score"].tolist() == reference["score"].tolist()
 
 
-# ----------------------------------------------------------------------------- Dask runner
-def test_dask_task_runner_gives_the_same_dataset_as_threads(tmp_path, make_config, monkeypatch):
-    """Generation mapped over a local 2-process Dask cluster (prefect-dask) writes the same bytes as
-    the thread runner. The workers inherit PREFECT_API_URL (conftest) and report to the test server."""
+# ----------------------------------------------------------------------------- Dask and Ray runners
+def record_task_runners(monkeypatch) -> list:
+    """The task runners the factory uses from now on, in order."""
+    from contextlib import contextmanager
+
     import flows.factory as factory_module
-    import storage
 
     runners = []
-    real = factory_module.make_task_runner
-    monkeypatch.setattr(factory_module, "make_task_runner", lambda section: runners.append(real(section)) or runners[-1])
-    cfg = make_config(tmp_path, tmp_path / "threads", generate={"num_samples": 32, "samples_per_shard": 8},
-                      downstream={"enabled": False})
+    real = factory_module.task_runner
 
-    threads, _ = run_factory(cfg, stop_after="filter")
-    dask = generate_with_labeler(cfg, tmp_path / "dask", threads["labeler"], {"runner": {"kind": "dask", "workers": 2}})
+    @contextmanager
+    def recording(section):
+        with real(section) as runner:
+            runners.append(runner)
+            yield runner
 
-    assert [type(r).__name__ for r in runners] == ["ThreadPoolTaskRunner", "DaskTaskRunner"]
-    assert Path(dask).name == Path(threads["dataset"]).name and Path(dask).parent != Path(threads["dataset"]).parent
-    assert storage.ShardStore.open(dask).is_complete() and storage.verify(dask).ok
-    assert len(checksums(dask)) == 32
-    assert checksums(dask) == checksums(threads["dataset"])
+    monkeypatch.setattr(factory_module, "task_runner", recording)
+    return runners
+
+
+def generate_with_no_api_configured(monkeypatch, *args, expected: int, **kwargs) -> tuple[str, list[str]]:
+    """generate_with_labeler as a user's run without PREFECT_API_URL; returns the dataset and the final
+    states of its task runs as the session's Prefect server records them, once `expected` are final.
+
+    This process's Prefect server (SubprocessASGIServer) is the session's test server. The database
+    setting is back to its default too: a worker that started a temporary server of its own would
+    write its task runs to PREFECT_HOME's database, where the test server never sees them."""
+    from datetime import datetime, timezone
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterStartTime, TaskRunFilter, TaskRunFilterFlowRunId
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_DATABASE_CONNECTION_URL, temporary_settings
+
+    since = datetime.now(timezone.utc)
+    with monkeypatch.context() as m:
+        m.delenv("PREFECT_API_URL")
+        with temporary_settings(restore_defaults={PREFECT_API_URL, PREFECT_SERVER_DATABASE_CONNECTION_URL}):
+            path = generate_with_labeler(*args, **kwargs)
+
+    def fetch():
+        with get_client(sync_client=True) as client:
+            flow_runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(start_time=FlowRunFilterStartTime(after_=since)))
+            runs = client.read_task_runs(
+                task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=[f.id for f in flow_runs])))
+        assert len(flow_runs) == 1, [f.name for f in flow_runs]  # the generation subflow
+        if len(runs) < expected or any(r.state is None or not r.state.is_final() for r in runs):
+            return None
+        return sorted(r.state.name for r in runs)
+
+    return path, wait_for(fetch, 60, f"{expected} finished task runs in the session's Prefect server", interval=0.2)
+
+
+@pytest.fixture(scope="module")
+def threads_reference(tmp_path_factory, make_config) -> tuple[Path, dict]:
+    """A factory run to `filter` on the thread runner, 32 samples in 4 shards: (config, summary).
+    What the Dask and Ray runs must reproduce."""
+    d = tmp_path_factory.mktemp("threads")
+    cfg = make_config(d, d / "threads", generate={"num_samples": 32, "samples_per_shard": 8}, downstream={"enabled": False})
+    with pytest.MonkeyPatch.context() as m:
+        runners = record_task_runners(m)
+        summary, _ = run_factory(cfg, stop_after="filter")
+    assert [type(r).__name__ for r in runners] == ["ThreadPoolTaskRunner"]
+    return cfg, summary
+
+
+def assert_same_dataset(path: str, reference: str) -> None:
+    import storage
+
+    assert Path(path).name == Path(reference).name and Path(path).parent != Path(reference).parent
+    assert storage.ShardStore.open(path).is_complete() and storage.verify(path).ok
+    assert len(checksums(path)) == 32
+    assert checksums(path) == checksums(reference)
+
+
+def test_dask_task_runner_gives_the_same_dataset_as_threads(threads_reference, tmp_path, monkeypatch, prefect_server):
+    """Generation mapped over a local 2-process Dask cluster (prefect-dask) writes the same bytes as
+    the thread runner; with no PREFECT_API_URL configured, both workers report to the one server of
+    the run (every task run is in its database, and completed)."""
+    cfg, threads = threads_reference
+    runners = record_task_runners(monkeypatch)
+    path, states = generate_with_no_api_configured(monkeypatch, cfg, tmp_path / "dask", threads["labeler"],
+                                                   {"runner": {"kind": "dask", "workers": 2}}, expected=4)
+
+    assert [type(r).__name__ for r in runners] == ["DaskTaskRunner"]
+    assert runners[0].cluster_kwargs["env"] == {"PREFECT_API_URL": prefect_server}
+    assert states == ["Completed"] * 4  # one task run per shard, all in the one server
+    assert_same_dataset(path, threads["dataset"])
+
+
+def test_ray_task_runner_gives_the_same_dataset_as_threads(threads_reference, tmp_path, monkeypatch, prefect_server):
+    """The same on a local 2-CPU Ray instance (prefect-ray, the `ray` extra), whose worker processes
+    also report to the one server of the run."""
+    pytest.importorskip("prefect_ray", reason="runner.kind 'ray' needs the ray extra: pip install 'labelfoundry[ray]'")
+    cfg, threads = threads_reference
+    runners = record_task_runners(monkeypatch)
+    path, states = generate_with_no_api_configured(monkeypatch, cfg, tmp_path / "ray", threads["labeler"],
+                                                   {"runner": {"kind": "ray", "workers": 2}}, expected=4)
+
+    assert [type(r).__name__ for r in runners] == ["RayTaskRunner"]
+    assert runners[0].init_kwargs["runtime_env"] == {"env_vars": {"PREFECT_API_URL": prefect_server}}
+    assert states == ["Completed"] * 4
+    assert_same_dataset(path, threads["dataset"])
 
 
 def test_dask_workers_import_the_project_like_the_installed_cli(base, tmp_path, monkeypatch):
