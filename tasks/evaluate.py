@@ -69,7 +69,8 @@ def train_eval_task(
                 weights = oversample_weights(opened.manifest, ds["oversample"])
             for w in caught:
                 log.warning("%s: %s", method, w.message)
-            log.info("%s: oversampling %s", method, {c: round(drawn_fraction(opened.manifest, weights, c), 3) for c in ds["oversample"]})
+            log.info("%s: oversampling, share of draws showing %s", method,
+                     ", ".join(f"{c} {drawn_fraction(opened.manifest, weights, c):.3f}" for c in ds["oversample"]))
     elif method in ("labeled_only", "imagenet_transfer"):  # transfer: an ImageNet backbone, same labeled images
         train = labeled_set
     elif method == "oracle":

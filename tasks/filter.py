@@ -39,5 +39,6 @@ def filter_task(store_path: str, manifest_hash_: str, filter_cfg: FilterSection,
         "total": int(len(flags)), "kept": int(flags["keep"].sum()),
         "dropped_uncertain": int(flags["uncertain"].sum()), "dropped_duplicate": int((flags["duplicate"] & ~flags["uncertain"]).sum()),
     }
-    log.info("filter: %s", counts)
+    log.info("filter: kept %d of %d samples (dropped %d uncertain, %d duplicates)", counts["kept"], counts["total"],
+             counts["dropped_uncertain"], counts["dropped_duplicate"])
     return {"counts": counts, "flags_hash": storage.flags_hash(store_path)}
