@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, Progress, TaskID, TextColumn
 
 from . import progress as run_progress
 
@@ -25,7 +25,7 @@ class RunDisplay:
         self.plain_every = plain_every
         self.bar = Progress(
             TextColumn("[bold]{task.fields[stage]:<9}"), BarColumn(), TextColumn("{task.fields[counts]}"),
-            TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=console, disable=self.plain,
+            TextColumn("{task.fields[rate]}"), TextColumn("{task.fields[eta]}"), console=console, disable=self.plain,
         )
         self._task: TaskID | None = None
         self._stage: str | None = None
@@ -34,7 +34,7 @@ class RunDisplay:
 
     def __enter__(self) -> "RunDisplay":
         self.bar.start()
-        self._task = self.bar.add_task("run", total=None, stage="starting", counts="", rate="")
+        self._task = self.bar.add_task("run", total=None, stage="starting", counts="", rate="", eta="")
         run_progress.add_listener(self.on_event)
         self._swapped = [] if self.plain else _route_prefect_console(self.console)
         return self
@@ -54,18 +54,19 @@ class RunDisplay:
         self._stage = ev.stage
         g = ev.generation
         if g is None:
-            self.bar.reset(self._task, total=None, stage=ev.stage, counts="", rate="")
+            self.bar.reset(self._task, total=None, stage=ev.stage, counts="", rate="", eta="")
             if self.plain and new_stage:
                 self._line(f"{ev.stage} ...")
             return
         if new_stage or self.bar.tasks[self._task].total != g.total_samples:  # rate and ETA from this run's start
             self.bar.reset(self._task, total=g.total_samples, completed=g.samples, stage=ev.stage)
-        self.bar.update(self._task, completed=g.samples, stage=ev.stage, counts=g.describe(), rate=self._rate(),
-                        refresh=not self.plain)  # each shard shows, not only the one at the next timed refresh
+        self.bar.update(self._task, completed=g.samples, stage=ev.stage, counts=g.describe())
         done = g.shards == g.total_shards
+        left = self.bar.tasks[self._task].time_remaining
+        eta = f"ETA {_clock(left)}" if left is not None and not done else ""
+        self.bar.update(self._task, rate=self._rate(), eta=eta, refresh=not self.plain)  # each shard shows at once
         if self.plain and (new_stage or done or time.monotonic() - self._last_line >= self.plain_every):
-            eta = self.bar.tasks[self._task].time_remaining
-            extra = ", ".join(x for x in (self._rate(), f"ETA {_clock(eta)}" if eta is not None and not done else "") if x)
+            extra = ", ".join(x for x in (self._rate(), eta) if x)
             self._line(f"{ev.stage}: {g.describe()}" + (f", {extra}" if extra else ""))
 
     def _rate(self) -> str:
