@@ -58,14 +58,15 @@ class RunDisplay:
             if self.plain and new_stage:
                 self._line(f"{ev.stage} ...")
             return
-        if new_stage or self.bar.tasks[self._task].total != g.total_samples:  # rate and ETA from this run's start
+        first = new_stage or self.bar.tasks[self._task].total != g.total_samples
+        if first:  # rate and ETA from this run's start, not from shards committed by an earlier run
             self.bar.reset(self._task, total=g.total_samples, completed=g.samples, stage=ev.stage)
         self.bar.update(self._task, completed=g.samples, stage=ev.stage, counts=g.describe())
         done = g.shards == g.total_shards
         left = self.bar.tasks[self._task].time_remaining
         eta = f"ETA {_clock(left)}" if left is not None and not done else ""
         self.bar.update(self._task, rate=self._rate(), eta=eta, refresh=not self.plain)  # each shard shows at once
-        if self.plain and (new_stage or done or time.monotonic() - self._last_line >= self.plain_every):
+        if self.plain and (first or done or time.monotonic() - self._last_line >= self.plain_every):
             extra = ", ".join(x for x in (self._rate(), eta) if x)
             self._line(f"{ev.stage}: {g.describe()}" + (f", {extra}" if extra else ""))
 

@@ -39,16 +39,20 @@ def run_stage(task, **kwargs) -> Artifact:
     return art
 
 
+def run_name(config: str | None, overrides: dict | None) -> str:
+    """"demo · handsoff": the config's name and the labeling method."""
+    try:
+        cfg = load_config(config, overrides)
+    except Exception:  # noqa: BLE001 - the flow itself reports the config error
+        return f"invalid config {config or 'demo'}"
+    return f"{cfg.name} · {cfg.labeler.method}"
+
+
 def _factory_run_name() -> str:
-    """"demo · handsoff": the config's name and the labeling method (the flow's parameters)."""
     from prefect.runtime import flow_run
 
     p = flow_run.parameters
-    try:
-        cfg = load_config(p.get("config"), p.get("overrides"))
-    except Exception:  # noqa: BLE001 - the flow itself reports the config error
-        return f"invalid config {p.get('config') or 'demo'}"
-    return f"{cfg.name} · {cfg.labeler.method}" + (f" (to {p['stop_after']})" if p.get("stop_after") else "")
+    return run_name(p.get("config"), p.get("overrides")) + (f" (up to {p['stop_after']})" if p.get("stop_after") else "")
 
 
 def _generation_run_name() -> str:
