@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 from prefect import flow, get_run_logger, unmapped
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.context import FlowRunContext
 from prefect.futures import as_completed
 
 import storage
@@ -85,13 +86,16 @@ def generation_progress(store_path: str) -> Iterator[None]:
     """A `generation-progress` artifact on the calling (factory) flow run that moves per committed
     shard, its description carrying the counts; the same counts go to in-process listeners."""
     start = progress.committed(store_path)
-    art = create_progress_artifact(start.percent, key="generation-progress", description=start.describe())
-    link = ui_link(f"artifacts/artifact/{art}")
-    get_run_logger().info("generation progress: %s", link or f"artifact generation-progress of this flow run ({start.describe()})")
+    art = link = None
+    if FlowRunContext.get() is not None:  # the stage also runs alone (tests), outside any flow run
+        art = create_progress_artifact(start.percent, key="generation-progress", description=start.describe())
+        link = ui_link(f"artifacts/artifact/{art}")
+        get_run_logger().info("generation progress: %s", link or f"artifact generation-progress of this flow run ({start.describe()})")
     progress.emit(progress.ProgressEvent("generate", start, link))
 
     def changed(now: progress.GenerationProgress) -> None:
-        update_progress_artifact(art, now.percent, description=now.describe())
+        if art is not None:
+            update_progress_artifact(art, now.percent, description=now.describe())
         progress.emit(progress.ProgressEvent("generate", now, link))
 
     with progress.StoreWatcher(store_path, changed):
