@@ -164,12 +164,15 @@ def run(
     configure_prefect_env()
     t0 = time.time()
     _prefect_banner()
+    from .display import RunDisplay
     from .factory import factory
 
-    summary = factory(config=str(config) if config else None, overrides=overrides)
+    with RunDisplay(console):
+        summary = factory(config=str(config) if config else None, overrides=overrides)
     console.print_json(json.dumps(summary, default=str))
     if full:
-        s50 = factory(config=str(config) if config else None, overrides=deep_merge(overrides, FULL_50))
+        with RunDisplay(console):
+            s50 = factory(config=str(config) if config else None, overrides=deep_merge(overrides, FULL_50))
         table = headline(summary, s50)
         path = Path(summary["run_dir"]) / "headline.md"
         path.write_text(f"# Headline (toy faces, 64², CPU)\n\n{table}\n")
@@ -223,9 +226,12 @@ def generate(
     """Generate + filter a dataset (inversion and label generator come from the cache when unchanged)."""
     _check_config(config, {})
     configure_prefect_env()
+    _prefect_banner()
+    from .display import RunDisplay
     from .generate import generate as generate_flow
 
-    summary = generate_flow(config=str(config) if config else None, num_samples=num_samples, run_dir=run_dir)
+    with RunDisplay(console):
+        summary = generate_flow(config=str(config) if config else None, num_samples=num_samples, run_dir=run_dir)
     console.print_json(json.dumps(summary, default=str))
 
 

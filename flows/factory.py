@@ -6,12 +6,15 @@ changing one section re-runs that stage and what follows. Artifacts travel as (p
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
 from prefect import flow, get_run_logger, unmapped
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.context import FlowRunContext
 from prefect.futures import as_completed
 
 import storage
@@ -24,6 +27,7 @@ from tasks.generate import dataset_path, generate_shards_task, prepare_store
 from tasks.invert import invert_task
 from tasks.report import publish_dataset_report, report_task
 
+from . import progress
 from .runners import task_runner
 
 
@@ -36,29 +40,82 @@ def run_stage(task, **kwargs) -> Artifact:
     return art
 
 
-@flow(name="generate-shards")
+def run_name(config: str | None, overrides: dict | None) -> str:
+    """"demo · handsoff": the config's name and the labeling method."""
+    try:
+        cfg = load_config(config, overrides)
+    except Exception:  # noqa: BLE001 - the flow itself reports the config error
+        return f"invalid config {config or 'demo'}"
+    return f"{cfg.name} · {cfg.labeler.method}"
+
+
+def _factory_run_name() -> str:
+    from prefect.runtime import flow_run
+
+    p = flow_run.parameters
+    return run_name(p.get("config"), p.get("overrides")) + (f" (up to {p['stop_after']})" if p.get("stop_after") else "")
+
+
+def _generation_run_name() -> str:
+    """"handsoff: 64 shards in 4 tasks" (the subflow's parameters)."""
+    from prefect.runtime import flow_run
+
+    p = flow_run.parameters
+    n = sum(len(g) for g in p["groups"])
+    return f"{p['task_args']['labeler'].method}: {n} shards in {len(p['groups'])} tasks"
+
+
+@flow(name="generation", flow_run_name=_generation_run_name)
 def generate_subflow(run_dir: str, groups: list[list[int]], task_args: dict) -> None:
-    """Map one task per shard group over the configured task runner, with a progress artifact.
-    task_args: every generate_shards_task argument but shard_indices."""
+    """Map one task per shard group over the configured task runner (the factory's progress
+    artifact follows the committed shards). task_args: every generate_shards_task argument but
+    shard_indices."""
     log = get_run_logger()
-    progress_id = create_progress_artifact(
-        0.0, key="generation-progress", description=f"shards committed in {task_args['store_path']}"
-    )
     task_ = cached(generate_shards_task, run_dir, tags=["gpu"] if task_args["device"] == "cuda" else [])
     futures = task_.map(shard_indices=groups, **{k: unmapped(v) for k, v in task_args.items()})
     done = 0
     for fut in as_completed(futures):
         fut.result()
         done += 1
-        update_progress_artifact(progress_id, 100.0 * done / len(groups))
         if done % max(1, len(groups) // 10) == 0 or done == len(groups):
-            log.info("generation: %d / %d shard groups", done, len(groups))
+            log.info("generation: %d / %d tasks done", done, len(groups))
+
+
+@contextlib.contextmanager
+def generation_progress(store_path: str) -> Iterator[None]:
+    """A `generation-progress` artifact on the calling (factory) flow run that moves per committed
+    shard, its description carrying the counts; the same counts go to in-process listeners."""
+    start = progress.committed(store_path)
+    art = link = None
+    if FlowRunContext.get() is not None:  # the stage also runs alone (tests), outside any flow run
+        art = create_progress_artifact(start.percent, key="generation-progress", description=start.describe())
+        link = ui_link(f"artifacts/artifact/{art}")
+        get_run_logger().info("generation progress: %s", link or f"artifact generation-progress of this flow run ({start.describe()})")
+    progress.emit(progress.ProgressEvent("generate", start, link))
+
+    def changed(now: progress.GenerationProgress) -> None:
+        if art is not None:
+            update_progress_artifact(art, now.percent, description=now.describe())
+        progress.emit(progress.ProgressEvent("generate", now, link))
+
+    with progress.StoreWatcher(store_path, changed):
+        yield
+
+
+def ui_link(path: str) -> str | None:
+    """The Prefect UI's URL of `path` when a UI serves the API (not for the local ephemeral API)."""
+    from prefect.settings import PREFECT_UI_URL
+
+    base = PREFECT_UI_URL.value()
+    return f"{base.rstrip('/')}/{path}" if base else None
 
 
 def generate_stage(cfg: RunConfig, run_dir: Path, gh: str, labeler: LabelerArtifact, device: str, cv: str,
-                   extra: dict[str, LabelerArtifact] | None = None) -> str:
-    """Create/reopen the store, generate what is not committed yet, and check every shard committed.
-    extra: the fitted extra labelers by label array (a multi-label dataset)."""
+                   extra: dict[str, LabelerArtifact] | None = None) -> tuple[str, list]:
+    """Create/reopen the store, re-check what is committed, generate what is not, and check every
+    shard committed. extra: the fitted extra labelers by label array (a multi-label dataset).
+    Returns the store path and the states of the runs that wrote it (the `wait_for` of what reads it:
+    a path computed outside any task gives Prefect no edge to draw)."""
     path = dataset_path(str(run_dir), gh, labeler, cfg.generate, cfg.seed, cv, extra)
     provenance = {
         "generator": cfg.generator.name, "generator_hash": gh, "labeler": labeler.method, "labeler_hash": labeler.hash,
@@ -79,15 +136,17 @@ def generate_stage(cfg: RunConfig, run_dir: Path, gh: str, labeler: LabelerArtif
                      run_seed=cfg.seed, code_version=cv, device=device, torch_threads=cfg.runner.torch_threads)
     if extra:
         task_args["extra_labelers"] = extra
-    with task_runner(cfg.runner) as runner:
-        generate_subflow.with_options(task_runner=runner)(run_dir=str(run_dir), groups=groups, task_args=task_args)
-    missing = storage.ShardStore.open(path).uncommitted_shards()
-    if missing:  # a cached task whose shard was deleted or found damaged since: regenerate without the cache
-        log = get_run_logger()
-        log.warning("shards %s not committed after generation; regenerating them", missing)
-        cached(generate_shards_task, run_dir, refresh=True)(shard_indices=missing, **task_args)
-        log.info("regenerated shards %s of %s", missing, path)
-    return path
+    progress.emit(progress.ProgressEvent("generate"))
+    with generation_progress(path), task_runner(cfg.runner) as runner:
+        states = [generate_subflow.with_options(task_runner=runner)(
+            run_dir=str(run_dir), groups=groups, task_args=task_args, return_state=True)]
+        states[0].result()  # raise a failed generation here
+        missing = storage.ShardStore.open(path).uncommitted_shards()
+        if missing:  # a cached task whose shard was deleted or found damaged since: regenerate without the cache
+            get_run_logger().warning("shards %s not committed after generation; regenerating them", missing[:10])
+            states.append(cached(generate_shards_task, run_dir, refresh=True)(shard_indices=missing, **task_args, return_state=True))
+            states[-1].result()
+    return path, states
 
 
 def write_run_file(path: Path, text: str) -> None:
@@ -109,7 +168,7 @@ def write_run_file(path: Path, text: str) -> None:
         ) from exc
 
 
-@flow(name="factory", log_prints=True)
+@flow(name="factory", flow_run_name=_factory_run_name, log_prints=True)
 def factory(config: str | None = None, overrides: dict | None = None, stop_after: str | None = None) -> dict:
     """The whole factory for one run config (YAML path; None = built-in demo) + nested overrides.
 
@@ -125,11 +184,13 @@ def factory(config: str | None = None, overrides: dict | None = None, stop_after
     gh = generator_hash(cfg.generator.name)
     log.info("run %s in %s on %s (code %s)", cfg.name, run_dir, device, cv)
 
+    progress.emit(progress.ProgressEvent("invert"))
     inverted = run_stage(
         invert_task, run_dir=str(run_dir), generator=cfg.generator.name, generator_hash=gh,
         labeled_cfg=cfg.labeled, code_version=cv, device=device,
         inversion_cfg=cfg.inversion if any(c.method in NEEDS_INVERSION for c in cfg.label_arrays().values()) else None,
     )
+    progress.emit(progress.ProgressEvent("fit"))
     labeler = run_stage(
         fit_task, run_dir=str(run_dir), generator=cfg.generator.name, generator_hash=gh, inverted=inverted,
         labeler_cfg=cfg.labeler, code_version=cv, device=device,
@@ -143,19 +204,23 @@ def factory(config: str | None = None, overrides: dict | None = None, stop_after
     if extra:
         summary["extra_labelers"] = {k: a.model_dump() for k, a in extra.items()}
     if stop_after != "fit":
-        store_path = generate_stage(cfg, run_dir, gh, labeler, device, cv, extra)
+        store_path, generation = generate_stage(cfg, run_dir, gh, labeler, device, cv, extra)
         mh = storage.manifest_hash(store_path)
+        progress.emit(progress.ProgressEvent("filter"))
         filt_args = dict(store_path=store_path, manifest_hash_=mh, filter_cfg=cfg.filter, code_version=cv)
-        filtered = cached(filter_task, run_dir)(**filt_args)
+        filtered = cached(filter_task, run_dir)(**filt_args, wait_for=generation)
         if filtered["flags_hash"] != storage.flags_hash(store_path):  # another filter config wrote its flags since
-            filtered = cached(filter_task, run_dir, refresh=True)(**filt_args)
+            filtered = cached(filter_task, run_dir, refresh=True)(**filt_args, wait_for=generation)
         counts, fh = filtered["counts"], filtered["flags_hash"]
-        report = cached(report_task, run_dir)(run_dir=str(run_dir), store_path=store_path, manifest_hash_=mh + fh, counts=counts, code_version=cv)
+        progress.emit(progress.ProgressEvent("report"))
+        report = cached(report_task, run_dir)(run_dir=str(run_dir), store_path=store_path, manifest_hash_=mh + fh, counts=counts,
+                                              code_version=cv, wait_for=generation)
         publish_dataset_report(report, counts)  # here, not in the cached task: a cache hit shows them too
         summary.update({"dataset": store_path, "filter": counts, "report": report})
         if stop_after != "filter" and cfg.downstream.enabled:
             from tasks.evaluate import evaluate_stage
 
+            progress.emit(progress.ProgressEvent("evaluate"))
             summary["evaluation"] = evaluate_stage(cfg, run_dir, inverted, store_path, mh, fh, device, cv)
     write_run_file(run_dir / "summary.json", json.dumps(summary, indent=2))
     return summary

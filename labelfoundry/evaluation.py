@@ -9,7 +9,7 @@ gap_closed = (ours - labeled_only) / (oracle - labeled_only).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -62,20 +62,23 @@ def train_and_evaluate(
     finetune_data: Dataset | None = None,
     sample_weights=None,
     examples: int = 0,
+    progress: Callable[[dict], None] | None = None,
 ) -> dict:
     """Train a fresh segmenter (resumable from out_dir) and return its test metrics. Deterministic:
     initialisation, data order and augmentation all follow `train_cfg.seed` (on CPU, with a fixed
     torch thread count, the same call gives the same metrics bit for bit).
     sample_weights: optional per-item draw weights (targeted oversampling; see labelfoundry.sampling).
     examples: also save the predicted labels of the first `examples` test images to
-    `<out_dir>/examples.npy` (uint8 (n,H,W)), named in the metrics as "examples", for the report."""
+    `<out_dir>/examples.npy` (uint8 (n,H,W)), named in the metrics as "examples", for the report.
+    progress: training progress (see train_segmenter); fine-tuning's carries "phase": "fine-tune"."""
     # initialised from the run's seed: the same weights whatever the process did before
     model = build_segmenter(SegmenterConfig(arch=arch, task="segmentation", num_classes=num_classes), seed=train_cfg.seed)
     res = train_segmenter(model, train_data, train_cfg, task="segmentation", out_dir=out_dir, device=device,
-                          sample_weights=sample_weights)
+                          sample_weights=sample_weights, progress=progress)
     if finetune_data is not None:
         ft = train_cfg.model_copy(update={"max_steps": max(50, (train_cfg.max_steps or 500) // 5)})
-        train_segmenter(model, finetune_data, ft, task="segmentation", out_dir=Path(out_dir) / "finetune", device=device)
+        train_segmenter(model, finetune_data, ft, task="segmentation", out_dir=Path(out_dir) / "finetune", device=device,
+                        progress=progress and (lambda d: progress({"phase": "fine-tune", **d})))
     metrics = evaluate_segmenter(model, test_data, "segmentation", num_classes, device)
     metrics["train_steps"] = res.step
     metrics["final_loss"] = float(np.mean(res.losses[-20:])) if res.losses else None

@@ -82,6 +82,39 @@ def retry_transient(task, task_run, state) -> bool:
     return not (isinstance(exc, BaseException) and is_permanent(exc))
 
 
+def _plural(key: str) -> str:
+    return key + ("es" if key.endswith(("ch", "s")) else "s")
+
+
+def _number(v) -> str:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return str(v)
+    if isinstance(v, int):
+        return f"{v:,}"
+    return f"{v:.4f}" if 1e-3 <= abs(v) < 1e4 else f"{v:.3g}"
+
+
+def format_progress(d: dict) -> str:
+    """A core progress record as a log line: counters with their totals, numbers rounded, time last.
+    {"batch": 1, "batches": 2, "step": 101, "steps": 300, "loss": 0.012045, "seconds": 12.34}
+    -> "batch 1/2 step 101/300 loss 0.0120 (12.3 s)"; a "phase" value leads the line."""
+    parts = [str(d["phase"])] if "phase" in d else []
+    totals = {_plural(k) for k in d if _plural(k) in d}
+    for k, v in d.items():
+        if k in ("phase", "seconds") or k in totals:
+            continue
+        parts.append(f"{k} {_number(v)}/{_number(d[_plural(k)])}" if _plural(k) in d else f"{k} {_number(v)}")
+    if "seconds" in d:
+        parts.append(f"({d['seconds']:.1f} s)")
+    return " ".join(parts)
+
+
+def log_progress(log, what: str):
+    """A `progress` callback for the core (which never imports prefect) that writes readable lines
+    to the run's Prefect logger: "<what> step 101/300 loss 0.0120 (12.3 s)"."""
+    return lambda d: log.info("%s %s", what, format_progress(d))
+
+
 def file_hash(path: str | Path, chunk: int = 1 << 20) -> str:
     """Content hash. safetensors headers list their metadata in arbitrary order, so for those the
     header is hashed with sorted keys: identical weights and config give identical hashes."""

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.utilities.annotations import quote
 
 from labelfoundry.domains.base import resize_labeled
 from labelfoundry.evaluation import (
@@ -24,7 +25,8 @@ from labelfoundry.report import bar_png, colorize, inline_images, markdown_table
 from labelfoundry.segmenters import TrainConfig
 from labelfoundry.segmenters.models import imagenet_weights_file
 
-from .common import Artifact, cached, retry_transient, torch_threads
+from .common import Artifact, cached, log_progress, retry_transient, torch_threads
+from . import names
 
 
 def _train_cfg(ds: dict, seed: int) -> TrainConfig:
@@ -37,7 +39,7 @@ def _fg_bg(d: ArrayDataset) -> ArrayDataset:
     return ArrayDataset(d.images, (d.masks > 0).astype(np.uint8))
 
 
-@task(name="train-evaluate", retries=1, retry_condition_fn=retry_transient)
+@task(name="train-evaluate", task_run_name=names.train_evaluate, retries=1, retry_condition_fn=retry_transient)
 def train_eval_task(
     method: str, run_dir: str, store_path: str | None, manifest_hash_: str | None, inverted: Artifact,
     labeled_cfg: dict, downstream_cfg: dict, resolution: int, num_classes: int, binary: bool, seed: int, code_version: str,
@@ -67,7 +69,8 @@ def train_eval_task(
                 weights = oversample_weights(opened.manifest, ds["oversample"])
             for w in caught:
                 log.warning("%s: %s", method, w.message)
-            log.info("%s: oversampling %s", method, {c: round(drawn_fraction(opened.manifest, weights, c), 3) for c in ds["oversample"]})
+            log.info("%s: oversampling, share of draws showing %s", method,
+                     ", ".join(f"{c} {drawn_fraction(opened.manifest, weights, c):.3f}" for c in ds["oversample"]))
     elif method in ("labeled_only", "imagenet_transfer"):  # transfer: an ImageNet backbone, same labeled images
         train = labeled_set
     elif method == "oracle":
@@ -85,6 +88,7 @@ def train_eval_task(
             train, test, arch=ds["transfer_arch"] if transfer else ds["arch"], num_classes=num_classes, out_dir=out,
             train_cfg=_train_cfg(ds, seed), device=device, sample_weights=weights, examples=ds["examples"],
             finetune_data=labeled_set if ds["finetune_on_labeled"] and method in REGISTRY else None,
+            progress=log_progress(log, f"{method} (seed {seed}) training"),
         )
     log.info("%s (seed %d): mIoU %.4f on %d test images", method, seed, metrics["miou"], len(test))
     return metrics
@@ -145,12 +149,15 @@ def evaluate_stage(cfg, run_dir: Path, inverted: Artifact, store_path: str, mh: 
 
     for name in [ours, *baselines]:
         m = ours if name in ("no_oversample", "finetuned") else name  # variants of ours (own cache keys)
-        runs = [cached(train_eval_task, run_dir)(
-            method=m, run_dir=str(run_dir), store_path=store_path if m in generated else None,
-            manifest_hash_=(mh + fh if m == ours else mh) if m in generated else None, inverted=inverted,
-            labeled_cfg=cfg.labeled.model_dump(), downstream_cfg=method_cfg(name), resolution=R,
-            num_classes=len(names), binary=binary, seed=seed, code_version=cv, device=device,
-        ) for seed in seeds]
+        # quote: values built here are no task's result; Prefect's input tracking (by id) would
+        # otherwise take a recycled id for a finished train-evaluate's result and draw a false edge
+        runs = [cached(train_eval_task, run_dir, task_run_name=f"train-evaluate {name} seed {seed}")(
+            inverted=inverted, **{k: quote(v) for k, v in dict(
+                method=m, run_dir=str(run_dir), store_path=store_path if m in generated else None,
+                manifest_hash_=(mh + fh if m == ours else mh) if m in generated else None,
+                labeled_cfg=cfg.labeled.model_dump(), downstream_cfg=method_cfg(name), resolution=R,
+                num_classes=len(names), binary=binary, seed=seed, code_version=cv, device=device,
+            ).items()}) for seed in seeds]
         results[name] = summarize_seeds(runs)
     out = {"methods": results, "class_names": names, "num_labeled": cfg.labeled.num_images, "labeler": cfg.labeler.method,
            "seeds": seeds, "skipped": skipped}

@@ -9,6 +9,8 @@ import storage
 from labelfoundry.config import FilterSection
 from labelfoundry.filtering import combined_score, compute_flags
 
+from . import names
+
 
 def _dedup_vectors(opened: storage.OpenedDataset, kind: str) -> np.ndarray:
     """Per-sample vectors to de-duplicate on: the first w row, or an 8x8-pooled image."""
@@ -20,7 +22,7 @@ def _dedup_vectors(opened: storage.OpenedDataset, kind: str) -> np.ndarray:
     return imgs.reshape(n, h // f, f, w // f, f, c).mean(axis=(2, 4))
 
 
-@task(name="filter")
+@task(name="filter", task_run_name=names.filter_)
 def filter_task(store_path: str, manifest_hash_: str, filter_cfg: FilterSection, code_version: str) -> dict:
     """Flags for every committed sample, stored as the dataset's "default" filter; returns the
     counts and the hash of the flags written (what a cache hit must find on disk)."""
@@ -44,5 +46,6 @@ def filter_task(store_path: str, manifest_hash_: str, filter_cfg: FilterSection,
         "total": int(len(flags)), "kept": int(flags["keep"].sum()),
         "dropped_uncertain": int(flags["uncertain"].sum()), "dropped_duplicate": int((flags["duplicate"] & ~flags["uncertain"]).sum()),
     }
-    log.info("filter: %s", counts)
+    log.info("filter: kept %d of %d samples (dropped %d uncertain, %d duplicates)", counts["kept"], counts["total"],
+             counts["dropped_uncertain"], counts["dropped_duplicate"])
     return {"counts": counts, "flags_hash": storage.flags_hash(store_path)}

@@ -11,7 +11,8 @@ from prefect import get_run_logger, task
 from labelfoundry.inversion.optimize import InversionResult
 from labelfoundry.labelers import FG_BG_SCHEMA, REGISTRY, FitData, labeler_class
 
-from .common import Artifact, LabelerArtifact, file_hash, load_networks_cached, retry_transient
+from .common import Artifact, LabelerArtifact, file_hash, load_networks_cached, log_progress, retry_transient
+from . import names
 
 
 def fit_data(inverted: Artifact, method: str, discriminator=None, log=None) -> FitData:
@@ -40,7 +41,7 @@ def fit_data(inverted: Artifact, method: str, discriminator=None, log=None) -> F
     return data.subset(keep) if not keep.all() else data
 
 
-@task(name="fit", retries=1, retry_condition_fn=retry_transient)
+@task(name="fit", task_run_name=names.fit, retries=1, retry_condition_fn=retry_transient)
 def fit_task(
     run_dir: str, generator: str, generator_hash: str, inverted: Artifact, labeler_cfg, code_version: str, device: str,
     array: str = "label",
@@ -51,7 +52,7 @@ def fit_task(
     nets = load_networks_cached(generator, device)
     data = fit_data(inverted, labeler_cfg.method, nets.D, log)
     labeler = labeler_class(labeler_cfg.method).fit(
-        nets.G, data, labeler_cfg, device=device, progress=lambda d: log.info("fit %s", d)
+        nets.G, data, labeler_cfg, device=device, progress=log_progress(log, f"fit {labeler_cfg.method}")
     )
     out = Path(run_dir) / "fit" / ("labeler.safetensors" if array == "label" else f"labeler-{array}.safetensors")
     labeler.save(out)

@@ -13,6 +13,7 @@ from labelfoundry.config import GenerateSection
 from labelfoundry.generation import generate_shards
 
 from .common import Artifact, LabelerArtifact, load_generator_cached, load_labeler_cached, retry_transient, set_threads
+from . import names
 
 
 def dataset_path(run_dir: str, generator_hash: str, labeler: Artifact, gen: GenerateSection, seed: int, code_version: str,
@@ -50,7 +51,7 @@ def prepare_store(path: str, labeler: LabelerArtifact, gen: GenerateSection, pro
     )
 
 
-@task(name="generate-shards", retries=2, retry_condition_fn=retry_transient, retry_delay_seconds=1)
+@task(name="generate-shards", task_run_name=names.generate_shards, retries=2, retry_condition_fn=retry_transient, retry_delay_seconds=1)
 def generate_shards_task(
     store_path: str,
     shard_indices: list[int],

@@ -13,10 +13,11 @@ from labelfoundry.domains import check_for_inversion, load_labeled
 from labelfoundry.inversion.optimize import InversionConfig, invert
 from labelfoundry.report import save_png
 
-from .common import Artifact, file_hash, load_generator_cached, retry_transient
+from .common import Artifact, file_hash, load_generator_cached, log_progress, retry_transient
+from . import names
 
 
-@task(name="invert", retries=1, retry_condition_fn=retry_transient)
+@task(name="invert", task_run_name=names.invert, retries=1, retry_condition_fn=retry_transient)
 def invert_task(
     run_dir: str, generator: str, generator_hash: str, labeled_cfg: LabeledSection, inversion_cfg: InversionConfig | None,
     code_version: str, device: str,
@@ -47,7 +48,7 @@ def invert_task(
         return Artifact(path=str(out / "labeled.npz"), hash=file_hash(out / "labeled.npz"), companions=companions)
     cfg = inversion_cfg
     res = invert(G, images, cfg, ids=[s.sample_id for s in samples], device=device,
-                 progress=lambda d: log.info("inversion %s", d))
+                 progress=log_progress(log, "inversion"))
     res.save(out / "inversion.pt")
     save_png(np.concatenate([images[:8], res.recon[:8]], axis=2).reshape(-1, images.shape[2] * 2, 3), out / "reconstructions.png")
     if res.flagged.any():

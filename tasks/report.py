@@ -15,6 +15,8 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 import storage
 from labelfoundry.report import histogram_png, inline_images, markdown_table, round_record, samples_grid, save_png
 
+from . import names
+
 
 def dataset_report(store_path: str, out_dir: Path, counts: dict, max_rows: int = 8) -> str:
     """Write report PNGs for a generated dataset and return its markdown."""
@@ -47,7 +49,7 @@ def dataset_report(store_path: str, out_dir: Path, counts: dict, max_rows: int =
     return md
 
 
-@task(name="report")
+@task(name="report", task_run_name=names.report)
 def report_task(run_dir: str, store_path: str, manifest_hash_: str, counts: dict, code_version: str) -> str:
     out = Path(run_dir) / "report"
     dataset_report(store_path, out, counts)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -40,6 +41,11 @@ def run_factory(config: Path, overrides: dict | None = None, **kwargs) -> tuple[
     return state.result(), state.state_details.flow_run_id
 
 
+def stage_of(task_run_name: str) -> str:
+    """The stage of a task run named like "generate-shards[0-3] handsoff" or "train-evaluate oracle seed 0"."""
+    return re.split(r"[\[ ]", task_run_name, maxsplit=1)[0]
+
+
 def task_states(flow_run_id, expected: int, timeout: float = 60) -> dict[str, list[str]]:
     """Final state names of a factory run's task runs (its own and its generation subflow's),
     keyed by stage ("invert", "fit", "generate-shards", ...), once `expected` of them are recorded."""
@@ -65,7 +71,7 @@ def task_states(flow_run_id, expected: int, timeout: float = 60) -> dict[str, li
             return None
         out: dict[str, list[str]] = defaultdict(list)
         for r in runs:
-            out[r.name.rsplit("-", 1)[0]].append(r.state.name)
+            out[stage_of(r.name)].append(r.state.name)
         return {k: sorted(v) for k, v in out.items()}
 
     return wait_for(fetch, timeout, f"{expected} finished task runs of flow run {flow_run_id}", interval=0.2)
@@ -84,7 +90,7 @@ def generate_with_labeler(config: Path, run_dir: Path, labeler: dict, overrides:
     cfg = load_config(config, {"run_dir": str(run_dir), **(overrides or {})})
     run_dir = Path(cfg.run_dir).resolve()
     return generate_stage(cfg, run_dir, generator_hash(cfg.generator.name), LabelerArtifact.model_validate(labeler),
-                          cfg.resolved_device(), code_version_ or code_version())
+                          cfg.resolved_device(), code_version_ or code_version())[0]
 
 
 def snapshot(paths) -> dict[str, tuple[int, int, int]]:

@@ -284,3 +284,19 @@ def test_epoch_orders_of_distinct_seeds_do_not_overlap():
 
     seeds = {epoch_seed(s, e) for s in range(3) for e in range(1000)}
     assert len(seeds) == 3000 and epoch_seed(0, 5) == 5
+
+
+def test_training_progress_reaches_the_callback_with_totals(tmp_path, caplog):
+    """Every log_every steps and at the last step, to the caller's callback (the flow's run logger)
+    or, without one, as a readable line on this module's logger."""
+    data = SquareDataset(8)
+    cfg = TrainConfig(batch_size=4, max_steps=5, log_every=2, checkpoint_every=100)
+    seen: list[dict] = []
+    res = train_segmenter(_tiny(num_classes=2), data, cfg, task="segmentation", out_dir=tmp_path / "a", device="cpu",
+                          progress=seen.append)
+    assert [(d["step"], d["steps"]) for d in seen] == [(2, 5), (4, 5), (5, 5)]
+    assert seen[-1]["loss"] == res.losses[-1] and seen[-1]["seconds"] >= seen[0]["seconds"] >= 0
+    with caplog.at_level(logging.INFO, logger="labelfoundry.segmenters.train"):
+        train_segmenter(_tiny(num_classes=2), data, cfg, task="segmentation", out_dir=tmp_path / "b", device="cpu")
+    lines = [r.getMessage() for r in caplog.records if r.name == "labelfoundry.segmenters.train"]
+    assert len(lines) == 3 and lines[-1].startswith("step 5/5 loss ") and lines[-1].endswith(" s)")

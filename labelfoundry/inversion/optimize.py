@@ -162,7 +162,8 @@ def invert(
             with torch.no_grad():
                 w.copy_(_project(w, start, cfg.c_reg))
             if progress is not None and (step % 100 == 0 or step == cfg.steps - 1):
-                progress({"batch": b0 // cfg.batch, "step": step + 1, "loss": loss.mean().item(), "seconds": time.time() - t0})
+                progress({"batch": b0 // cfg.batch + 1, "batches": -(-n // cfg.batch), "step": step + 1, "steps": cfg.steps,
+                          "loss": loss.mean().item(), "seconds": time.time() - t0})
         with torch.no_grad():
             img = G.synthesis(w.detach(), noise_mode="const")
             losses.append(per_image_loss(img, x).cpu())

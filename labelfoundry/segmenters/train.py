@@ -11,7 +11,8 @@ already-trained model, the second dataset and a *different* ``out_dir`` (e.g.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Literal, NamedTuple
 
@@ -232,6 +233,10 @@ def _validate(
     return {"step": step, **metrics}
 
 
+def _log_progress(d: dict) -> None:
+    log.info("step %d/%d loss %.4f (%.1f s)", d["step"], d["steps"], d["loss"], d["seconds"])
+
+
 def train_segmenter(
     model: nn.Module,
     train_data: Dataset | DataLoader,
@@ -243,13 +248,16 @@ def train_segmenter(
     resume: bool = True,
     device: torch.device | str | None = None,
     sample_weights: Sequence[float] | None = None,
+    progress: Callable[[dict], None] | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on ``train_data`` (items: see ``segmenters.batch``).
 
     Runs ``cfg.max_steps`` steps (or ``cfg.epochs`` epochs) in total, counting steps done by
     a resumed checkpoint. Returns the full per-step loss history. ``sample_weights`` (one
     non-negative weight per item of a Dataset, e.g. from ``labelfoundry.sampling``) draws
-    training items in proportion to them instead of one permutation per epoch.
+    training items in proportion to them instead of one permutation per epoch. ``progress``
+    receives {"step", "steps", "loss", "seconds"} every ``cfg.log_every`` steps and at the last
+    step (default: a line on this module's logger).
     """
     weights = _check_weights(train_data, sample_weights)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -264,11 +272,13 @@ def train_segmenter(
     losses = _resume(out_dir, model, opt, amp, aug_gen, result) if resume else []
 
     batches = _batch_stream(train_data, cfg, len(losses), weights)
+    report = progress or _log_progress
+    t0 = time.monotonic()
     while len(losses) < total:
         losses.append(train_step(model, opt, amp, next(batches), cfg, task, device, aug_gen))
         step = len(losses)
-        if step % cfg.log_every == 0:
-            log.info("step %d/%d loss %.5f", step, total, losses[-1])
+        if step % cfg.log_every == 0 or step == total:
+            report({"step": step, "steps": total, "loss": losses[-1], "seconds": time.monotonic() - t0})
         if step % cfg.checkpoint_every == 0 or step == total:
             result.last_checkpoint = _save(out_dir, cfg.keep_last, model, opt, amp, aug_gen, losses)
         if val_data is not None and cfg.val_every and step % cfg.val_every == 0:
