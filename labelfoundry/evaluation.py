@@ -144,7 +144,8 @@ def train_and_evaluate(
     sample_weights: optional per-item draw weights (targeted oversampling; see labelfoundry.sampling).
     examples: also save the predictions on the first `examples` test images to `<out_dir>/examples.npy`
     (see `predict`), named in the metrics as "examples", for the report."""
-    heads = {"segmentation": {"num_classes": num_outputs}, "keypoints": {"num_keypoints": num_outputs}, "depth": {}}[task]
+    heads = {"segmentation": {"num_classes": num_outputs}, "keypoints": {"num_keypoints": num_outputs},
+             "depth": depth_affine(train_data) if task == "depth" else {}}[task]
     # initialised from the run's seed: the same weights whatever the process did before
     model = build_segmenter(SegmenterConfig(arch=arch, task=task, **heads), seed=train_cfg.seed)
     res = train_segmenter(model, train_data, train_cfg, task=task, out_dir=out_dir, device=device,
@@ -161,6 +162,23 @@ def train_and_evaluate(
         np.save(path, predict(model, [test_data[i] for i in range(min(examples, len(test_data)))], task, device))
         metrics["examples"] = str(path)
     return metrics
+
+
+def depth_affine(data: Dataset, max_items: int = 256) -> dict[str, float]:
+    """The depth head's output affine from the training set alone: mean and std (metres) of the valid
+    depths of up to `max_items` evenly spaced items. Without it a fresh head predicts ~0 against
+    ~10 m targets and 300 steps do not close the offset (measured: oracle RMSE 4.06 m)."""
+    idx = np.linspace(0, len(data) - 1, min(max_items, len(data))).round().astype(int)
+    vals = []
+    for i in np.unique(idx):
+        item = data[int(i)]
+        label = torch.as_tensor(item["label"]).float().reshape(-1)
+        valid = torch.as_tensor(item["valid"]).reshape(-1) if "valid" in item else torch.ones_like(label, dtype=torch.bool)
+        vals.append(label[valid & torch.isfinite(label)].double())
+    v = torch.cat(vals)
+    if v.numel() == 0:
+        raise ValueError("the depth training set has no valid pixel")
+    return {"depth_shift": float(v.mean()), "depth_scale": max(float(v.std()) if v.numel() > 1 else 1.0, 1e-3)}
 
 
 @torch.no_grad()
