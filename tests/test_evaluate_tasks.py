@@ -151,3 +151,19 @@ def test_tiny_run_evaluates_the_labeler_task(tmp_path, make_config, task, keys):
     rows = json.loads(arts["evaluation-table"].data)
     assert [r["method"] for r in rows] == ["handsoff", "labeled_only", "oracle"]
     assert all(k in r and f"{k}_std" in r for r in rows for k in keys)
+
+
+def test_depth_head_starts_at_the_training_depths_scale():
+    """The depth network's output affine comes from the training set (mean, std of valid depths):
+    a fresh head predicts near the data's mean, not near 0."""
+    from labelfoundry.evaluation import depth_affine
+    from labelfoundry.segmenters import SegmenterConfig, build_segmenter
+
+    data = toyfaces_split("train", 8, 16, task="depth")
+    aff = depth_affine(data)
+    d = _stack(data, "label")
+    assert aff["depth_shift"] == pytest.approx(float(d.double().mean()), rel=1e-6)
+    assert aff["depth_scale"] == pytest.approx(float(d.double().std()), rel=1e-4)
+    model = build_segmenter(SegmenterConfig(arch="tiny_unet", task="depth", tiny_width=4, **aff), seed=0)
+    out = predict(model, [data[i] for i in range(2)], "depth")
+    assert abs(float(out.mean()) - aff["depth_shift"]) < 5 * aff["depth_scale"] and float(out.min()) > 3.0
