@@ -114,13 +114,15 @@ def toyfaces_split(split: str, n: int, resolution: int, offset: int = 0, task: T
     return task_dataset(task, arrays.pop("image"), arrays, sigma)
 
 
-def generated_item(item: dict) -> dict:
-    """A generated sample as a downstream item: depth is stored (1,H,W) and trains as (H,W)
-    (segmentation ids and keypoint heatmaps are used as stored). Use as the reader's transform."""
-    label = item["label"]
+def generated_item(item: dict, array: str = "label") -> dict:
+    """A generated sample as a downstream item: its image, and its label array `array` ("label" in a
+    single-type dataset) as `label`, depth's (1,H,W) as (H,W). Every other array is dropped: a
+    multi-label sample's `keypoints` heatmaps (K,H,W) must not pass for the exact keypoints (K,3)
+    that real items carry. Use as the reader's transform (`functools.partial` for another array)."""
+    label = item[array]
     if label.ndim == 3 and label.shape[0] == 1:
-        item = {**item, "label": label[0]}
-    return item
+        label = label[0]
+    return {"image": item["image"], "label": label}
 
 
 def train_and_evaluate(

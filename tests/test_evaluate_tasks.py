@@ -64,6 +64,12 @@ def test_generated_depth_trains_as_hw_and_heatmaps_as_stored():
     assert generated_item(depth)["label"].shape == (8, 8)
     heat = {"image": depth["image"], "label": torch.ones(5, 8, 8, dtype=torch.float16)}
     assert generated_item(heat)["label"].shape == (5, 8, 8)
+    # a multi-label sample: the task's own array becomes the label; its heatmaps never pass for (K,3) keypoints
+    multi = {**heat, "label": torch.zeros(8, 8, dtype=torch.uint8), "keypoints": heat["label"], "depth": depth["label"],
+             "uncertainty": torch.zeros(8, 8)}
+    assert set(generated_item(multi, "keypoints")) == {"image", "label"}
+    assert generated_item(multi, "keypoints")["label"].shape == (5, 8, 8)
+    assert generated_item(multi, "depth")["label"].shape == (8, 8)
 
 
 @pytest.mark.parametrize("task,shape,dtype", [("segmentation", (3, 16, 16), np.uint8),
