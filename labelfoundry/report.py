@@ -26,6 +26,40 @@ def heat(u: np.ndarray, vmax: float | None = None) -> np.ndarray:
     return (matplotlib.colormaps["magma"](np.clip(v, 0, 1))[..., :3] * 255).astype(np.uint8)
 
 
+def depth_colormap(depth: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
+    """Depth (H,W) -> RGB uint8 (H,W,3), near = bright: one fixed [vmin, vmax] for every map of a
+    figure, so prediction and ground truth compare by colour."""
+    import matplotlib
+
+    v = (vmax - depth.astype(np.float32)) / max(vmax - vmin, 1e-6)
+    return (matplotlib.colormaps["viridis"](np.clip(v, 0, 1))[..., :3] * 255).astype(np.uint8)
+
+
+def draw_keypoints(image: np.ndarray, pred_xy: np.ndarray | None, gt: np.ndarray, scale: int = 4) -> np.ndarray:
+    """The image (H,W,3) upscaled `scale`x with keypoint peaks drawn: ground truth (K,3) rows of
+    (x, y, visible) in pixels as green circles (visible ones only), predictions (K,2) (x, y) as red
+    crosses. Pixel centres are at integer coordinates, as `segmenters.heatmaps` defines them."""
+    from PIL import ImageDraw
+
+    h, w = image.shape[:2]
+    im = Image.fromarray(image).resize((w * scale, h * scale), Image.Resampling.NEAREST)
+    draw = ImageDraw.Draw(im)
+    r = max(2, scale)
+
+    def at(x: float, y: float) -> tuple[float, float]:
+        return (x + 0.5) * scale, (y + 0.5) * scale
+
+    for x, y, vis in gt:
+        if vis > 0:
+            cx, cy = at(x, y)
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=(0, 255, 0), width=max(1, scale // 3))
+    for x, y in ([] if pred_xy is None else pred_xy):
+        cx, cy = at(x, y)
+        draw.line([cx - r, cy - r, cx + r, cy + r], fill=(255, 0, 0), width=max(1, scale // 3))
+        draw.line([cx - r, cy + r, cx + r, cy - r], fill=(255, 0, 0), width=max(1, scale // 3))
+    return np.asarray(im)
+
+
 def sample_grid(images, labels=None, uncertainty=None, colors=None, max_rows: int = 8, scale: int = 2) -> np.ndarray:
     """Rows of [image | mask overlay | uncertainty] for up to `max_rows` samples, as one RGB array."""
     rows = []

@@ -12,16 +12,30 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.utilities.annotations import quote
 
+from labelfoundry.domains import toyfaces
 from labelfoundry.domains.base import resize_labeled
 from labelfoundry.evaluation import (
+    HEADLINE,
+    TASK_METRICS,
     ArrayDataset,
     gap_closed_summary,
+    generated_item,
     mean_std_text,
     summarize_seeds,
+    task_dataset,
     toyfaces_split,
     train_and_evaluate,
 )
-from labelfoundry.report import bar_png, colorize, inline_images, markdown_table, round_record, save_png
+from labelfoundry.report import (
+    bar_png,
+    colorize,
+    depth_colormap,
+    draw_keypoints,
+    inline_images,
+    markdown_table,
+    round_record,
+    save_png,
+)
 from labelfoundry.segmenters import TrainConfig
 from labelfoundry.segmenters.models import imagenet_weights_file
 
@@ -39,20 +53,30 @@ def _fg_bg(d: ArrayDataset) -> ArrayDataset:
     return ArrayDataset(d.images, (d.masks > 0).astype(np.uint8))
 
 
+def _labeled_set(labeled, task: str, resolution: int, sigma: float):
+    """The few labeled images as the task's dataset, at the test resolution."""
+    if task == "segmentation":  # labeled.resolution may differ from the generator's (gradient matching)
+        return ArrayDataset(*resize_labeled(labeled["image"], labeled["mask"], resolution))
+    if labeled["image"].shape[1] != resolution:
+        raise ValueError(f"invert/labeled.npz holds {labeled['image'].shape[1]}px images but the generator makes "
+                         f"{resolution}px ones; {task} evaluation needs them alike: remove labeled.resolution")
+    return task_dataset(task, labeled["image"], {k: labeled[k] for k in labeled.files if k != "image"}, sigma)
+
+
 @task(name="train-evaluate", task_run_name=names.train_evaluate, retries=1, retry_condition_fn=retry_transient)
 def train_eval_task(
     method: str, run_dir: str, store_path: str | None, manifest_hash_: str | None, inverted: Artifact,
-    labeled_cfg: dict, downstream_cfg: dict, resolution: int, num_classes: int, binary: bool, seed: int, code_version: str,
-    device: str,
+    labeled_cfg: dict, downstream_cfg: dict, resolution: int, num_outputs: int, binary: bool, seed: int, code_version: str,
+    device: str, task: str = "segmentation", sigma: float = 2.0,
 ) -> dict:
-    """One method's segmenter, one seed: trained on its label source, scored on the real test split."""
+    """One method's network for `task`, one seed: trained on its label source, scored on the real test
+    split. num_outputs: classes or keypoints; sigma: keypoint heatmap std (the labeler's), pixels."""
     import storage
 
     log = get_run_logger()
     ds = downstream_cfg
     labeled = np.load(Path(inverted.path).parent / "labeled.npz")
-    # labeled.resolution may differ from the generator's (gradient matching): baselines train at the test size
-    labeled_set = ArrayDataset(*resize_labeled(labeled["image"], labeled["mask"], resolution))
+    labeled_set = _labeled_set(labeled, task, resolution, sigma)
     as_task = _fg_bg if binary else (lambda d: d)
     labeled_set = as_task(labeled_set)
     from labelfoundry.labelers import REGISTRY
@@ -60,7 +84,7 @@ def train_eval_task(
     weights = None
     if method in REGISTRY or method == "unfiltered":  # the generated dataset (filtered by default)
         opened = storage.open_dataset(store_path, filter=None if method == "unfiltered" else "keep")
-        train = opened.dataset()
+        train = opened.dataset(transform=generated_item)
         if ds.get("oversample"):  # targeted oversampling: weights from the manifest's frac_<class> columns
             from labelfoundry.sampling import drawn_fraction, oversample_weights
 
@@ -74,58 +98,90 @@ def train_eval_task(
     elif method in ("labeled_only", "imagenet_transfer"):  # transfer: an ImageNet backbone, same labeled images
         train = labeled_set
     elif method == "oracle":
-        train = as_task(toyfaces_split("train", ds["oracle_images"], resolution, offset=500_000))
+        train = as_task(toyfaces_split("train", ds["oracle_images"], resolution, offset=500_000, task=task, sigma=sigma))
     else:
         raise ValueError(f"unknown method {method!r}")
-    test = as_task(toyfaces_split("test", ds["test_images"], resolution))
+    test = as_task(toyfaces_split("test", ds["test_images"], resolution, task=task, sigma=sigma))
     # One directory per distinct training input: a resumable checkpoint must never be reused for other data.
     key = hashlib.sha256(json.dumps([method, store_path, manifest_hash_, inverted.hash, downstream_cfg, binary, seed,
-                                     resolution, code_version], sort_keys=True).encode()).hexdigest()[:12]
+                                     resolution, code_version, task, sigma], sort_keys=True).encode()).hexdigest()[:12]
     out = Path(run_dir) / "evaluate" / f"{method}-{key}"
     transfer = method == "imagenet_transfer"
     with torch_threads(ds["torch_threads"]):  # a fixed count: float sums, hence metrics, never depend on what ran before
         metrics = train_and_evaluate(
-            train, test, arch=ds["transfer_arch"] if transfer else ds["arch"], num_classes=num_classes, out_dir=out,
-            train_cfg=_train_cfg(ds, seed), device=device, sample_weights=weights, examples=ds["examples"],
+            train, test, task=task, arch=ds["transfer_arch"] if transfer else ds["arch"], num_outputs=num_outputs,
+            out_dir=out, train_cfg=_train_cfg(ds, seed), device=device, sample_weights=weights, examples=ds["examples"],
             finetune_data=labeled_set if ds["finetune_on_labeled"] and method in REGISTRY else None,
             progress=log_progress(log, f"{method} (seed {seed}) training"),
         )
-    log.info("%s (seed %d): mIoU %.4f on %d test images", method, seed, metrics["miou"], len(test))
+    key_metric = HEADLINE[task][0]
+    log.info("%s (seed %d): %s %s on %d test images", method, seed, key_metric, metrics[key_metric], len(test))
     return metrics
 
 
-def prediction_examples(results: dict, resolution: int, binary: bool, schema: dict, path: Path) -> Path | None:
-    """One column per test image: the image, its ground truth, then each method's prediction."""
+def prediction_examples(results: dict, resolution: int, binary: bool, schema: dict, path: Path,
+                        task: str = "segmentation") -> Path | None:
+    """One column per test image: the image, its ground truth, then each method's prediction.
+    Keypoints: every row is the image with peaks drawn (ground truth as green circles; a method's
+    predictions as red crosses beside them); depth: colour maps on one shared scale."""
     preds = {m: np.load(r["examples"]) for m, r in results.items() if r.get("examples") and Path(r["examples"]).exists()}
     if not preds:
         return None
     n = min(len(p) for p in preds.values())
-    test = toyfaces_split("test", n, resolution)
-    gt = (test.masks > 0).astype(np.uint8) if binary else test.masks
-    colors = [[0, 0, 0], [255, 255, 255]] if binary else schema["colors"]
-    rows = [np.concatenate(list(test.images), axis=1), np.concatenate([colorize(m, colors) for m in gt], axis=1)]
-    rows += [np.concatenate([colorize(m, colors) for m in p[:n]], axis=1) for p in preds.values()]
-    grid = np.concatenate(rows, axis=0)
+    render = toyfaces.render(toyfaces.split_seeds("test", n), resolution)
+    images = render["image"]
+    if task == "keypoints":
+        scale = 4  # markers are legible on 64px faces only when drawn on the upscaled image
+        gt = render["keypoints"]
+        rows = [[draw_keypoints(im, None, g, scale) for im, g in zip(images, gt)]]
+        rows += [[draw_keypoints(im, pr, g, scale) for im, pr, g in zip(images, p[:n], gt)] for p in preds.values()]
+        grid = np.concatenate([np.concatenate(r, axis=1) for r in rows], axis=0)
+        return save_png(grid, path)
+    if task == "depth":
+        gt = render["depth"]
+        lo, hi = float(gt.min()), float(gt.max())
+        rows = [list(images), [depth_colormap(d, lo, hi) for d in gt]]
+        rows += [[depth_colormap(d, lo, hi) for d in p[:n]] for p in preds.values()]
+    else:
+        gt = (render["mask"] > 0).astype(np.uint8) if binary else render["mask"]
+        colors = [[0, 0, 0], [255, 255, 255]] if binary else schema["colors"]
+        rows = [list(images), [colorize(m, colors) for m in gt]]
+        rows += [[colorize(m, colors) for m in p[:n]] for p in preds.values()]
+    grid = np.concatenate([np.concatenate(r, axis=1) for r in rows], axis=0)
     return save_png(np.kron(grid, np.ones((2, 2, 1), dtype=np.uint8)), path)
 
 
+def _outputs(cfg, task: str, binary: bool, schema: dict) -> list[str]:
+    """The names of the network's outputs: classes, keypoints, or the one depth channel."""
+    if task == "keypoints":
+        return list(schema["keypoint_names"])
+    if task == "depth":
+        return ["depth"]
+    return ["background", "foreground"] if binary else list(schema["class_names"])
+
+
 def evaluate_stage(cfg, run_dir: Path, inverted: Artifact, store_path: str, mh: str, fh: str, device: str, cv: str) -> dict:
-    """Train/evaluate every method (each a cached task), then write metrics.json and the report."""
+    """Train/evaluate every method (each a cached task) for the labeler's task (`labeler.task`),
+    then write metrics.json and the report."""
     log = get_run_logger()
     if cfg.labeled.source != "toyfaces":
         log.warning("evaluation needs real labeled test images; only the built-in domain provides them for now")
         return {}
     from labelfoundry.labelers import SUPERVISED
 
+    task = cfg.labeler.task
     binary = cfg.labeler.method not in SUPERVISED
+    sigma = float(getattr(cfg.labeler, "keypoint_sigma", 2.0))  # the generated heatmaps' std: baselines train alike
     schema = json.loads((Path(inverted.path).parent / "schema.json").read_text())
-    names = ["background", "foreground"] if binary else schema["class_names"]
+    names = _outputs(cfg, task, binary, schema)
     from tasks.common import load_generator_cached
 
     R = load_generator_cached(cfg.generator.name, device).resolution
     ours = cfg.labeler.method
     generated = {ours, "unfiltered"}
     ds_cfg = cfg.downstream.model_dump()
+    if ds_cfg["oversample"] and task != "segmentation":
+        raise ValueError(f"downstream.oversample draws by class pixel fractions; labeler.task {task!r} has no classes: remove it")
     unknown = sorted(set(ds_cfg["oversample"]) - set(names))
     if unknown:  # before any training: the labels have no such class
         raise ValueError(f"downstream.oversample: unknown classes {unknown}; valid classes: {names}")
@@ -156,45 +212,65 @@ def evaluate_stage(cfg, run_dir: Path, inverted: Artifact, store_path: str, mh: 
                 method=m, run_dir=str(run_dir), store_path=store_path if m in generated else None,
                 manifest_hash_=(mh + fh if m == ours else mh) if m in generated else None,
                 labeled_cfg=cfg.labeled.model_dump(), downstream_cfg=method_cfg(name), resolution=R,
-                num_classes=len(names), binary=binary, seed=seed, code_version=cv, device=device,
+                num_outputs=len(names), binary=binary, seed=seed, code_version=cv, device=device, task=task, sigma=sigma,
             ).items()}) for seed in seeds]
         results[name] = summarize_seeds(runs)
-    out = {"methods": results, "class_names": names, "num_labeled": cfg.labeled.num_images, "labeler": cfg.labeler.method,
-           "seeds": seeds, "skipped": skipped}
+    out = {"task": task, "methods": results, "class_names" if task == "segmentation" else "output_names": names,
+           "num_labeled": cfg.labeled.num_images, "labeler": cfg.labeler.method, "seeds": seeds, "skipped": skipped}
+    if task == "keypoints":
+        out["keypoint_sigma"] = sigma
     if "labeled_only" in results and "oracle" in results:
-        out.update(gap_closed_summary(results[ours], results["labeled_only"], results["oracle"]))
+        out.update(gap_closed_summary(results[ours], results["labeled_only"], results["oracle"], task))
     (run_dir / "metrics.json").write_text(json.dumps(out, indent=2))
     md = evaluation_markdown(out, cfg.downstream, run_dir)
-    examples = prediction_examples(results, R, binary, schema, run_dir / "report" / "predictions.png")
+    examples = prediction_examples(results, R, binary, schema, run_dir / "report" / "predictions.png", task)
     if examples is not None:
-        md += ["", f"Predictions on real test images (rows: image, ground truth, {', '.join(r for r in results if 'examples' in results[r])}):",
+        shown = ", ".join(r for r in results if "examples" in results[r])
+        what = (f"image with ground-truth peaks as green circles; then {shown}, each with its predicted peaks as red "
+                "crosses over the ground truth" if task == "keypoints" else f"image, ground truth, {shown}")
+        md += ["", f"Predictions on real test images (rows: {what}):",
                "", f"![predictions]({examples.name})"]
     (run_dir / "report" / "evaluation.md").write_text("\n".join(md))
+    keys = ("miou",) if task == "segmentation" else TASK_METRICS[task]
     create_markdown_artifact(inline_images("\n".join(md), run_dir / "report"), key="evaluation-report",
-                             description="downstream mIoU vs baselines")
-    create_table_artifact([round_record({"method": m, "miou": r["miou"], "miou_std": r["miou_std"],
+                             description=f"downstream {', '.join(keys)} vs baselines")
+    create_table_artifact([round_record({"method": m, **{k2: r[k2] for k in keys for k2 in (k, f"{k}_std")},
                                          "train_samples": r["train_samples"]}) for m, r in results.items()],
                           key="evaluation-table",
-                          description=f"mIoU (mean and std over seeds) on {cfg.downstream.test_images} real test images, per training method")
+                          description=f"{', '.join(keys)} (mean and std over seeds) on {cfg.downstream.test_images} real "
+                          "test images, per training method")
     return out
 
 
+_METRIC_NAMES = {"miou": "mIoU", "fg_iou": "fg IoU", "pck@0.1": "PCK@0.1", "pck@0.05": "PCK@0.05", "pck@0.02": "PCK@0.02",
+                 "mnmse": "mNMSE", "rmse": "RMSE", "rmse_log": "RMSE-log"}
+
+
 def evaluation_markdown(out: dict, ds, run_dir: Path) -> list[str]:
-    """The report's lines: mean ± std per method and per class (3 decimals), gap closed with its spread,
-    and a reason wherever a number is undefined."""
-    results, names, n = out["methods"], out["class_names"], len(out["seeds"])
+    """The report's lines: mean ± std per method (and, for segmentation, per class) (3 decimals), gap
+    closed with its spread, and a reason wherever a number is undefined."""
+    task = out.get("task", "segmentation")
+    results, n = out["methods"], len(out["seeds"])
+    keys = TASK_METRICS[task]
     spread = f"mean ± std over {n} seeds" if n > 1 else "1 seed (no spread; set downstream.seeds for mean ± std)"
-    rows = [[m, mean_std_text(r["miou"], r["miou_std"]), mean_std_text(r["fg_iou"], r["fg_iou_std"]), r["train_samples"]]
-            for m, r in results.items()]
-    md = [f"# Downstream evaluation ({ds.arch}, {ds.test_images} real test images, {spread})", "",
-          markdown_table(["method", "mIoU", "fg IoU", "train samples"], rows), ""]
+    rows = [[m, *[mean_std_text(r[k], r[f"{k}_std"]) for k in keys], r["train_samples"]] for m, r in results.items()]
+    title = {"segmentation": "", "keypoints": ", keypoints: heatmap regression", "depth": ", depth"}[task]
+    md = [f"# Downstream evaluation ({ds.arch}{title}, {ds.test_images} real test images, {spread})", "",
+          markdown_table(["method", *[_METRIC_NAMES[k] for k in keys], "train samples"], rows), ""]
+    if task == "depth":
+        md += ["RMSE and RMSE-log on the middle-50% crop, clamped to [0.001, 80]; mNMSE on every valid pixel "
+               "(lower is better)", ""]
     if "gap_closed" in out:
         g = out["gap_closed"]
         text = out["gap_closed_note"] if g is None else mean_std_text(g, out["gap_closed_std"])
         if g is not None and out["gap_closed_note"]:
             text += f" ({out['gap_closed_note']})"
-        md += [f"gap closed: {text}", ""]
+        of = "" if task == "segmentation" else f" (in {_METRIC_NAMES[out['gap_closed_metric']]})"
+        md += [f"gap closed{of}: {text}", ""]
     md += [f"skipped {m}: {why}" for m, why in out["skipped"].items()] + ([""] if out["skipped"] else [])
+    if task != "segmentation":
+        return md
+    names = out["class_names"]
     per_class = {m: r["per_class_iou"] for m, r in results.items()}
     p = bar_png(names, per_class, run_dir / "report" / "per-class-iou.png", "per-class IoU on real test images", "IoU")
     table = [[c, *[mean_std_text(r["per_class_iou"][i], r["per_class_iou_std"][i]) for r in results.values()]]

@@ -49,6 +49,9 @@ class SegmenterConfig(BaseModel):
     unet_encoder: str = Field("resnet18", description="smp encoder name for arch=unet")
     unet_decoder_channels: tuple[int, ...] = (128, 64, 32, 16, 8)
     tiny_width: int = Field(16, ge=1, description="base width of tiny_unet")
+    depth_shift: float = Field(0.0, description="task=depth: depth = raw * depth_scale + depth_shift (metres)")
+    depth_scale: float = Field(1.0, gt=0, description="task=depth: set both from the training depths' mean and "
+                               "std, so a fresh head starts at the data's scale and bf16 outputs keep their precision")
 
     @model_validator(mode="after")
     def _check_heads(self) -> "SegmenterConfig":
@@ -94,7 +97,10 @@ class Segmenter(nn.Module):
             y = y["out"]
         if y.shape[-2:] != (h + ph, w + pw):
             y = F.interpolate(y, size=(h + ph, w + pw), mode="bilinear", align_corners=False)
-        return y[..., :h, :w]
+        y = y[..., :h, :w]
+        if self.cfg.task == "depth" and (self.cfg.depth_shift, self.cfg.depth_scale) != (0.0, 1.0):
+            y = y.float() * self.cfg.depth_scale + self.cfg.depth_shift  # in fp32: bf16 steps are 0.06 m at 10 m
+        return y
 
 
 def _resnet_url(resnet_name: str) -> str:
