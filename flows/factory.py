@@ -146,6 +146,7 @@ def generate_stage(cfg: RunConfig, run_dir: Path, gh: str, labeler: LabelerArtif
             get_run_logger().warning("shards %s not committed after generation; regenerating them", missing[:10])
             states.append(cached(generate_shards_task, run_dir, refresh=True)(shard_indices=missing, **task_args, return_state=True))
             states[-1].result()
+            get_run_logger().info("regenerated shards %s of %s", missing, path)
     return path, states
 
 
