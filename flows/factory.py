@@ -223,5 +223,8 @@ def factory(config: str | None = None, overrides: dict | None = None, stop_after
 
             progress.emit(progress.ProgressEvent("evaluate"))
             summary["evaluation"] = evaluate_stage(cfg, run_dir, inverted, store_path, mh, fh, device, cv)
+            for array in extra:  # a multi-label dataset: each further label type trains its own networks
+                summary.setdefault("extra_evaluations", {})[array] = evaluate_stage(
+                    cfg, run_dir, inverted, store_path, mh, fh, device, cv, array=array)
     write_run_file(run_dir / "summary.json", json.dumps(summary, indent=2))
     return summary

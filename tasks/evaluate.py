@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import warnings
@@ -67,10 +68,11 @@ def _labeled_set(labeled, task: str, resolution: int, sigma: float):
 def train_eval_task(
     method: str, run_dir: str, store_path: str | None, manifest_hash_: str | None, inverted: Artifact,
     labeled_cfg: dict, downstream_cfg: dict, resolution: int, num_outputs: int, binary: bool, seed: int, code_version: str,
-    device: str, task: str = "segmentation", sigma: float = 2.0,
+    device: str, task: str = "segmentation", sigma: float = 2.0, array: str = "label",
 ) -> dict:
     """One method's network for `task`, one seed: trained on its label source, scored on the real test
-    split. num_outputs: classes or keypoints; sigma: keypoint heatmap std (the labeler's), pixels."""
+    split. num_outputs: classes or keypoints; sigma: keypoint heatmap std (the labeler's), pixels;
+    array: the generated samples' label array that trains it (a multi-label dataset has several)."""
     import storage
 
     log = get_run_logger()
@@ -84,7 +86,7 @@ def train_eval_task(
     weights = None
     if method in REGISTRY or method == "unfiltered":  # the generated dataset (filtered by default)
         opened = storage.open_dataset(store_path, filter=None if method == "unfiltered" else "keep")
-        train = opened.dataset(transform=generated_item)
+        train = opened.dataset(transform=functools.partial(generated_item, array=array))
         if ds.get("oversample"):  # targeted oversampling: weights from the manifest's frac_<class> columns
             from labelfoundry.sampling import drawn_fraction, oversample_weights
 
@@ -104,7 +106,7 @@ def train_eval_task(
     test = as_task(toyfaces_split("test", ds["test_images"], resolution, task=task, sigma=sigma))
     # One directory per distinct training input: a resumable checkpoint must never be reused for other data.
     key = hashlib.sha256(json.dumps([method, store_path, manifest_hash_, inverted.hash, downstream_cfg, binary, seed,
-                                     resolution, code_version, task, sigma], sort_keys=True).encode()).hexdigest()[:12]
+                                     resolution, code_version, task, sigma, array], sort_keys=True).encode()).hexdigest()[:12]
     out = Path(run_dir) / "evaluate" / f"{method}-{key}"
     transfer = method == "imagenet_transfer"
     with torch_threads(ds["torch_threads"]):  # a fixed count: float sums, hence metrics, never depend on what ran before
@@ -160,26 +162,33 @@ def _outputs(cfg, task: str, binary: bool, schema: dict) -> list[str]:
     return ["background", "foreground"] if binary else list(schema["class_names"])
 
 
-def evaluate_stage(cfg, run_dir: Path, inverted: Artifact, store_path: str, mh: str, fh: str, device: str, cv: str) -> dict:
-    """Train/evaluate every method (each a cached task) for the labeler's task (`labeler.task`),
-    then write metrics.json and the report."""
+def evaluate_stage(cfg, run_dir: Path, inverted: Artifact, store_path: str, mh: str, fh: str, device: str, cv: str,
+                   array: str = "label") -> dict:
+    """Train/evaluate every method (each a cached task) for one label array's task (`label`: the
+    labeler's; in a multi-label run also each extra labeler's), then write its metrics and report:
+    metrics.json and report/evaluation.md for `label`, metrics-<array>.json and
+    report/evaluation-<array>.md for the others (artifact keys suffixed alike)."""
     log = get_run_logger()
     if cfg.labeled.source != "toyfaces":
         log.warning("evaluation needs real labeled test images; only the built-in domain provides them for now")
         return {}
     from labelfoundry.labelers import SUPERVISED
 
-    task = cfg.labeler.task
-    binary = cfg.labeler.method not in SUPERVISED
-    sigma = float(getattr(cfg.labeler, "keypoint_sigma", 2.0))  # the generated heatmaps' std: baselines train alike
+    lcfg = cfg.label_arrays()[array]
+    suffix = "" if array == "label" else f"-{array}"
+    task = lcfg.task
+    binary = lcfg.method not in SUPERVISED
+    sigma = float(getattr(lcfg, "keypoint_sigma", 2.0))  # the generated heatmaps' std: baselines train alike
     schema = json.loads((Path(inverted.path).parent / "schema.json").read_text())
     names = _outputs(cfg, task, binary, schema)
     from tasks.common import load_generator_cached
 
     R = load_generator_cached(cfg.generator.name, device).resolution
-    ours = cfg.labeler.method
+    ours = lcfg.method
     generated = {ours, "unfiltered"}
     ds_cfg = cfg.downstream.model_dump()
+    if array != "label":  # oversampling draws by the primary label's class fractions
+        ds_cfg["oversample"] = {}
     if ds_cfg["oversample"] and task != "segmentation":
         raise ValueError(f"downstream.oversample draws by class pixel fractions; labeler.task {task!r} has no classes: remove it")
     unknown = sorted(set(ds_cfg["oversample"]) - set(names))
@@ -207,36 +216,37 @@ def evaluate_stage(cfg, run_dir: Path, inverted: Artifact, store_path: str, mh: 
         m = ours if name in ("no_oversample", "finetuned") else name  # variants of ours (own cache keys)
         # quote: values built here are no task's result; Prefect's input tracking (by id) would
         # otherwise take a recycled id for a finished train-evaluate's result and draw a false edge
-        runs = [cached(train_eval_task, run_dir, task_run_name=f"train-evaluate {name} seed {seed}")(
+        runs = [cached(train_eval_task, run_dir, task_run_name=f"train-evaluate {name}{'' if array == 'label' else ' ' + array} seed {seed}")(
             inverted=inverted, **{k: quote(v) for k, v in dict(
                 method=m, run_dir=str(run_dir), store_path=store_path if m in generated else None,
                 manifest_hash_=(mh + fh if m == ours else mh) if m in generated else None,
                 labeled_cfg=cfg.labeled.model_dump(), downstream_cfg=method_cfg(name), resolution=R,
                 num_outputs=len(names), binary=binary, seed=seed, code_version=cv, device=device, task=task, sigma=sigma,
+                array=array,
             ).items()}) for seed in seeds]
         results[name] = summarize_seeds(runs)
     out = {"task": task, "methods": results, "class_names" if task == "segmentation" else "output_names": names,
-           "num_labeled": cfg.labeled.num_images, "labeler": cfg.labeler.method, "seeds": seeds, "skipped": skipped}
+           "num_labeled": cfg.labeled.num_images, "labeler": lcfg.method, "array": array, "seeds": seeds, "skipped": skipped}
     if task == "keypoints":
         out["keypoint_sigma"] = sigma
     if "labeled_only" in results and "oracle" in results:
         out.update(gap_closed_summary(results[ours], results["labeled_only"], results["oracle"], task))
-    (run_dir / "metrics.json").write_text(json.dumps(out, indent=2))
+    (run_dir / f"metrics{suffix}.json").write_text(json.dumps(out, indent=2))
     md = evaluation_markdown(out, cfg.downstream, run_dir)
-    examples = prediction_examples(results, R, binary, schema, run_dir / "report" / "predictions.png", task)
+    examples = prediction_examples(results, R, binary, schema, run_dir / "report" / f"predictions{suffix}.png", task)
     if examples is not None:
         shown = ", ".join(r for r in results if "examples" in results[r])
         what = (f"image with ground-truth peaks as green circles; then {shown}, each with its predicted peaks as red "
                 "crosses over the ground truth" if task == "keypoints" else f"image, ground truth, {shown}")
         md += ["", f"Predictions on real test images (rows: {what}):",
                "", f"![predictions]({examples.name})"]
-    (run_dir / "report" / "evaluation.md").write_text("\n".join(md))
+    (run_dir / "report" / f"evaluation{suffix}.md").write_text("\n".join(md))
     keys = ("miou",) if task == "segmentation" else TASK_METRICS[task]
-    create_markdown_artifact(inline_images("\n".join(md), run_dir / "report"), key="evaluation-report",
+    create_markdown_artifact(inline_images("\n".join(md), run_dir / "report"), key=f"evaluation-report{suffix}",
                              description=f"downstream {', '.join(keys)} vs baselines")
     create_table_artifact([round_record({"method": m, **{k2: r[k2] for k in keys for k2 in (k, f"{k}_std")},
                                          "train_samples": r["train_samples"]}) for m, r in results.items()],
-                          key="evaluation-table",
+                          key=f"evaluation-table{suffix}",
                           description=f"{', '.join(keys)} (mean and std over seeds) on {cfg.downstream.test_images} real "
                           "test images, per training method")
     return out

@@ -150,6 +150,30 @@ def test_fit_continuous_tasks(G, batch):
     assert out.label.shape == (4, 2, 32, 32)
 
 
+def test_depth_is_fitted_standardised_and_labeled_in_depth_units(tmp_path, G, batch):
+    """Depth far from 0 (here ~10 ± 1): a short fit already labels at the right level, because the
+    members regress standardised depth; the affine survives save/load and scales the variance too."""
+    ws, img, taps = batch
+    depth = img[:, 0].detach() + 10.0  # the image's red channel in [-1, 1], offset like toy-face depth
+    cfg = HandsOffConfig(task="depth", members=2, hidden=(8, 4), min_steps=40, pixels_per_image=256)
+    lab = HandsOffLabeler.fit(G, FitData(depth=depth, latents=ws), cfg)
+    assert lab.meta["target_shift"] == pytest.approx(float(depth.mean()), abs=1e-4)
+    out = lab.label(GenBatch(ws, img, taps))
+    assert abs(out.label.mean().item() - depth.mean().item()) < 0.5  # the level: raw outputs start near 0, not 10
+    err = (out.label[:, 0] - depth).abs().mean().item()
+    assert err < (depth - depth.mean()).abs().mean().item()  # and the image's variation: better than the mean depth
+    lab.save(tmp_path / "d.safetensors")
+    back = load_labeler(tmp_path / "d.safetensors").label(GenBatch(ws, img, taps))
+    torch.testing.assert_close(back.label, out.label)
+    unit = HandsOffLabeler(lab.cfg, lab.tap_channels, lab.resolution, lab.num_outputs,
+                           {**lab.meta, "target_shift": 0.0, "target_scale": 1.0})
+    unit.load_state_dict(lab.state_dict())
+    raw = unit.eval().label(GenBatch(ws, img, taps))
+    s = lab.meta["target_scale"]
+    torch.testing.assert_close(out.label, raw.label * s + lab.meta["target_shift"], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out.uncertainty, raw.uncertainty * s * s, atol=1e-5, rtol=1e-3)
+
+
 def test_fit_rejects_bad_labels(G, batch):
     ws, img, _ = batch
     with pytest.raises(ValueError, match="outside"):

@@ -168,13 +168,15 @@ def test_single_type_dataset_written_before_multi_label_still_reads(tmp_path):
 @pytest.mark.slow
 def test_factory_writes_every_label_type_from_one_run(tmp_path, make_config):
     """A tiny run with keypoints and depth labelers beside segmentation: three fits on the same
-    inverted images, one dataset whose samples carry all three, verified, filtered by the combined score."""
-    from flows.factory import factory
+    inverted images, one dataset whose samples carry all three, verified, filtered by the combined score,
+    then each type's downstream networks trained on its array and scored with its own metrics."""
+    from tests.test_flow import run_factory
 
     small = {"members": 2, "hidden": [8, 4], "min_steps": 10, "epochs": 0.01, "pixels_per_image": 64}
     cfg = make_config(tmp_path, tmp_path / "run", extra_labelers=[{"task": "keypoints", **small}, {"task": "depth", **small}],
-                      generate={"num_samples": 32, "samples_per_shard": 16, "batch": 16}, filter={"drop_top": 0.25})
-    summary = factory(config=str(cfg), stop_after="filter")
+                      generate={"num_samples": 32, "samples_per_shard": 16, "batch": 16}, filter={"drop_top": 0.25},
+                      downstream={"max_steps": 3, "test_images": 8, "oracle_images": 16})
+    summary, _ = run_factory(cfg)
     assert set(summary["extra_labelers"]) == {"keypoints", "depth"}
     assert {Path(a["path"]).name for a in summary["extra_labelers"].values()} == {"labeler-keypoints.safetensors",
                                                                                   "labeler-depth.safetensors"}
@@ -189,3 +191,14 @@ def test_factory_writes_every_label_type_from_one_run(tmp_path, make_config):
     assert dropped == set(full["sample_id"]) - set(opened.manifest["sample_id"])
     s = opened.dataset()[0]
     assert s["keypoints"].shape == (5, 16, 16) and s["depth"].shape == (1, 16, 16) and s["label"].shape == (16, 16)
+    run = tmp_path / "run"
+    for array, (file, task, key) in {"label": ("metrics.json", "segmentation", "miou"),
+                                     "keypoints": ("metrics-keypoints.json", "keypoints", "pck@0.05"),
+                                     "depth": ("metrics-depth.json", "depth", "rmse")}.items():
+        metrics = json.loads((run / file).read_text())
+        assert metrics["task"] == task and metrics["array"] == array and metrics["gap_closed_metric"] == key
+        assert set(metrics["methods"]) == {"handsoff", "labeled_only", "oracle"}
+        assert all(r[key] is not None and r[key] >= 0 for r in metrics["methods"].values())
+        assert metrics["methods"]["handsoff"]["train_samples"] == 24  # the combined filter's kept samples
+        assert (run / "report" / file.replace("metrics", "evaluation").replace(".json", ".md")).is_file()
+    assert summary["extra_evaluations"]["depth"]["task"] == "depth"

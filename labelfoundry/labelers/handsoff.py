@@ -185,9 +185,14 @@ class HandsOffLabeler(nn.Module):
         tap_ch = spec.channels(G.tap_channels)
         target, weight, out = _fit_targets(cfg, data, R)
         num_classes = data.num_classes if cfg.task == "segmentation" else None
+        meta = {"num_classes": num_classes}
+        if cfg.task == "depth":  # members regress standardised depth; labeling maps it back (see _output_affine)
+            valid = target[:, 0][weight > 0]
+            meta.update(target_shift=float(valid.mean()), target_scale=float(valid.std().clamp(min=1e-3)) if valid.numel() > 1 else 1.0)
+            target = (target - meta["target_shift"]) / meta["target_scale"]
         with torch.random.fork_rng(devices=[]):  # same config -> same initial members
             torch.manual_seed(cfg.seed)
-            self = cls(cfg, tap_ch, R, out, meta={"num_classes": num_classes})
+            self = cls(cfg, tap_ch, R, out, meta=meta)
         self.to(dev).train()
         G = G.to(dev).eval()
         ws = ws.to(dev)
@@ -236,12 +241,19 @@ class HandsOffLabeler(nn.Module):
         return steps, loss.item() / M
 
     # ---------------------------------------------------------------- labeling
+    def _output_affine(self) -> tuple[float, float]:
+        """(shift, scale) from the members' outputs to label units. Depth is fitted standardised by
+        the training depths' mean and std: fresh members start near 0, and raw depth (~10 at 64²)
+        would leave an offset that a short fit does not close (fit loss 46.5 before this). Other
+        tasks, and labelers saved before, have (0, 1)."""
+        return float(self.meta.get("target_shift", 0.0)), float(self.meta.get("target_scale", 1.0))
+
     @torch.no_grad()
     def _labeling_plan(self, taps: list[torch.Tensor], dtype: torch.dtype) -> tuple[TiledProjection, dict[str, torch.Tensor]]:
         """The plan of `_build_plan`, kept across calls: rebuilt only when the dtype, the tile size,
         the taps' shapes or the device change, or any weight or BN statistic was written since
         (tensor version counters), so mass generation folds the weights once, not once per batch."""
-        key = (dtype, self.cfg.tile_pixels, taps[0].device, tuple((t.shape[1], t.shape[-1]) for t in taps),
+        key = (dtype, self.cfg.tile_pixels, taps[0].device, tuple((t.shape[1], t.shape[-1]) for t in taps), self._output_affine(),
                tuple(t._version for t in (*self.net.parameters(), *self.net.buffers())))
         cached = getattr(self, "_plan", None)
         if cached is None or cached[0] != key:
@@ -260,14 +272,16 @@ class HandsOffLabeler(nn.Module):
         w1 = net.proj.weight * s1[:, None]
         b1 = (net.proj.bias - net.bn1.running_mean) * s1 + net.bn1.bias
         R, dev = self.resolution, taps[0].device
+        shift, scale = self._output_affine()
         tile_px = self.cfg.tile_pixels if dev.type == "cpu" else max(self.cfg.tile_pixels, _GPU_TILE_PIXELS)
         proj = TiledProjection(w1, b1, [t.shape[1] for t in taps], [t.shape[-1] for t in taps], R,
                                tile_rows=max(1, tile_px // R), dtype=dtype)
         head = {
             "w2": (net.w2 * s2[..., None]).transpose(1, 2).to(dtype).contiguous(),  # (M, H1, H2)
             "b2": ((net.b2 - net.bn2.running_mean.view(M, net.h2)) * s2 + net.bn2.bias.view(M, net.h2)).unsqueeze(1).to(dtype),
-            "w3": net.w3.to(dtype).contiguous(),  # (M, K, H2)
-            "b3": net.b3.unsqueeze(-1).to(dtype),  # (M, K, 1)
+            # the output affine folded in: labels and their variance come out in label units
+            "w3": (net.w3 * scale).to(dtype).contiguous(),  # (M, K, H2)
+            "b3": (net.b3 * scale + shift).unsqueeze(-1).to(dtype),  # (M, K, 1)
         }
         return proj, head
 
