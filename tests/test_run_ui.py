@@ -100,6 +100,10 @@ def run(tmp_path_factory, make_config):
         summary, fid = run_factory(make_config(d, d / "run"))
     finally:
         progress.remove_listener(events.append)
+    # Logs reach the API through a background worker in batches: send what is queued before reading.
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=30)
 
     def fetch():
         with get_client(sync_client=True) as client:
