@@ -164,7 +164,8 @@ def write_run_file(path: Path, text: str) -> None:
         raise OSError(
             exc.errno,
             f"cannot write {path.name} in the run directory {path.parent} ({exc.strerror or exc}); make "
-            "that directory writable, or set run_dir to a writable directory (in the config, or --set run_dir=DIR)",
+            "that directory writable, or set run_dir to a writable directory (in the config, `labelfoundry run "
+            "--set run_dir=DIR` or `labelfoundry generate --run-dir DIR`)",
             str(path),
         ) from exc
 
