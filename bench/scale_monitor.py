@@ -26,7 +26,8 @@ from pathlib import Path
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from storage.layout import parse_manifest_part_name  # noqa: E402
+from storage.fsio import resolve  # noqa: E402
+from storage.manifest import committed_indices  # noqa: E402
 
 FIELDS = ["time", "shards", "samples", "rss_mb", "disk_mb"]
 
@@ -39,10 +40,9 @@ def newest_dataset(run_dir: Path) -> Path | None:
 
 def committed(ds: Path) -> tuple[int, int]:
     """(committed shards, samples in them to one shard's precision)."""
-    per_shard = int(json.loads((ds / "dataset.json").read_text()).get("samples_per_shard", 0))
-    total = int(json.loads((ds / "dataset.json").read_text()).get("num_samples", 0))
-    shards = sum(parse_manifest_part_name(e.name) is not None for e in os.scandir(ds / "manifest"))
-    return shards, min(shards * per_shard, total) if total else shards * per_shard
+    meta = json.loads((ds / "dataset.json").read_text())
+    shards = len(committed_indices(resolve(ds), int(meta["num_shards"])))
+    return shards, min(shards * int(meta["samples_per_shard"]), int(meta["num_samples"]))
 
 
 def tree_rss_mb(pid: int) -> float:

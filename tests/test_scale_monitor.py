@@ -26,7 +26,7 @@ def mon():
 def test_committed_counts_manifest_parts_only(tmp_path, mon):
     ds = tmp_path / "datasets" / "abc"
     (ds / "manifest").mkdir(parents=True)
-    (ds / "dataset.json").write_text(json.dumps({"num_samples": 300, "samples_per_shard": 128}))
+    (ds / "dataset.json").write_text(json.dumps({"num_samples": 300, "num_shards": 3, "samples_per_shard": 128}))
     for i in (0, 2):
         (ds / "manifest" / f"shard-{i:06d}.parquet").write_bytes(b"x")
     (ds / "manifest" / "shard-000001.parquet.tmp-123").write_bytes(b"x")  # an uncommitted temp file
