@@ -313,6 +313,9 @@ def train_generator_cmd(
     export: Optional[Path] = typer.Option(None, help="copy the final G_ema + D here (e.g. the package asset)"),
     max_minutes: Optional[float] = typer.Option(None, help="stop (resumable) after this many minutes"),
     threads: int = typer.Option(1, help="torch CPU threads (one per process is fastest on a shared machine)"),
+    lr: float = typer.Option(0.0025, help="learning rate of G (D's gets the lazy-R1 correction)"),
+    lr_decay_from: Optional[float] = typer.Option(None, help="cosine ramp-down of the rates from this kimg to the end"),
+    lr_final: float = typer.Option(0.1, help="the ramp-down's last multiplier of --lr"),
 ) -> None:
     """Train the built-in StyleGAN2 on toy faces (resumes from <out>/checkpoint.pt)."""
     import shutil
@@ -325,12 +328,12 @@ def train_generator_cmd(
     from labelfoundry.generators.train import GeneratorTrainConfig, train_generator
 
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    cfg = GeneratorTrainConfig(total_kimg=kimg)
+    cfg = GeneratorTrainConfig(total_kimg=kimg, lr=lr, lr_decay_from_kimg=lr_decay_from, lr_final=lr_final)
     with Progress(TextColumn("[bold]G training"), BarColumn(), TextColumn("{task.fields[info]}"), TimeRemainingColumn()) as bar:
         t = bar.add_task("train", total=kimg, info="")
 
         def prog(d: dict) -> None:
-            bar.update(t, completed=d["kimg"], info=f"kimg {d['kimg']:.1f} D {d['loss_d']:.2f} G {d['loss_g']:.2f} {d['img_per_s']:.0f} img/s")
+            bar.update(t, completed=d["kimg"], info=f"kimg {d['kimg']:.1f} D {d['loss_d']:.2f} G {d['loss_g']:.2f} lr {d['lr']:.2g} {d['img_per_s']:.0f} img/s")
 
         path = train_generator(cfg, out, device=dev, progress=prog, max_seconds=max_minutes * 60 if max_minutes else None)
     if export:

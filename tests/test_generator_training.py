@@ -57,3 +57,30 @@ def test_resume_continues_the_same_run(tmp_path, one_thread):
     for a, b in zip(straight.G_ema.state_dict().values(), resumed.G_ema.state_dict().values()):
         assert torch.equal(a, b)
     assert (tmp_path / "generator.safetensors").is_file()
+
+
+def test_lr_ramp_down_is_constant_then_cosine_to_the_final_rate():
+    cfg = TINY.model_copy(update={"lr": 0.002, "total_kimg": 10.0, "lr_decay_from_kimg": 6.0, "lr_final": 0.25})
+    assert cfg.lr_at(0) == cfg.lr_at(6000) == pytest.approx(0.002)
+    assert cfg.lr_at(8000) == pytest.approx(0.002 * (0.25 + 0.75 * 0.5))  # halfway down the cosine
+    assert cfg.lr_at(10_000) == cfg.lr_at(12_000) == pytest.approx(0.0005)
+    rates = [cfg.lr_at(n) for n in range(6000, 10_001, 250)]
+    assert all(a > b for a, b in zip(rates, rates[1:]))
+    assert TINY.lr_at(10**9) == TINY.lr  # no schedule: constant
+
+
+def test_resumed_run_takes_the_new_schedule_over_the_checkpoints_rate(tmp_path, one_thread):
+    """A checkpoint written at the constant rate, resumed with a ramp-down already under way: the
+    optimisers step at the scheduled rates (D's with the lazy-R1 correction), not the stored ones."""
+    st = build_state(TINY, DEV)
+    train_step(st, TINY, DEV, amp=False)
+    save_state(st, TINY, tmp_path)
+    decay = TINY.model_copy(update={"total_kimg": 0.012, "lr_decay_from_kimg": 0.0, "lr_final": 0.1})
+    resumed = build_state(decay, DEV)
+    load_state(resumed, tmp_path / "checkpoint.pt", DEV)
+    assert resumed.opt_g.param_groups[0]["lr"] == pytest.approx(TINY.lr)  # the stored rate
+    train_step(resumed, decay, DEV, amp=False)
+    want = decay.lr_at(TINY.batch)  # set from the image count before the step
+    assert want < TINY.lr
+    assert resumed.opt_g.param_groups[0]["lr"] == pytest.approx(want)
+    assert resumed.opt_d.param_groups[0]["lr"] == pytest.approx(want * decay.r1_lazy_c())
