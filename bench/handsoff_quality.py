@@ -1,29 +1,46 @@
-"""Label quality of HandsOff on the built-in domain, where exact labels are known.
+"""HandsOff label quality on the built-in domain, where exact labels are known: the ablation bench.
 
-Invert N labeled train-pool faces, fit the label generator, then invert held-out val faces and
-label their reconstructions; compare with the val ground truth (per-class IoU). Baseline: a
-per-pixel MLP trained on the same N images' RGB values alone. Also reports whether the JS
-uncertainty is informative (mean JS on mislabeled vs correctly labeled pixels).
+Invert N labeled train-pool faces (a subset other than the headline's: `--offset`), fit the label
+generator once per variant and fit seed, then label the *inverted* faces (the labeled ones, and
+held-out val faces) and compare with their exact labels. What it reports per variant:
+- parts mIoU and per-class IoU on inverted val faces (mean ± std over fit seeds) and on the inverted
+  labeled faces themselves (train: how well the fit reproduces its own labels through the inversion);
+- how much the labels vary with the image: std of the labels' foreground-area fraction and of
+  their foreground centroid (x, y) over the val faces, as ratios to the same figures of the exact
+  labels (1.0: as varied as the faces; a mean face gives ~0);
+- whether the JS uncertainty is informative (mean JS on wrong vs right pixels);
+- fit and labeling time.
+Inversion quality (reconstruction MSE per image, worst and median) is reported once; inversions are
+cached in --cache per (generator, split, offset, n, inversion config). A per-pixel RGB-only MLP on
+the same labeled faces is the no-generator control.
 
-    python bench/handsoff_quality.py --labeled 16 --val 64 [--generator toyfaces-64]
+    python bench/handsoff_quality.py                                   # the defaults, 2 fit seeds
+    python bench/handsoff_quality.py --variant h128:hidden=128,32 --variant rgb:include_rgb=true \\
+        --variant bal:class_balanced=true --variant long:min_steps=1200 --seeds 0,1
 
-The last line of stdout is one JSON object.
+A variant is NAME:key=value,... over HandsOffConfig fields (values parsed as YAML; a comma inside a
+tuple value is fine: `hidden=128,32`). `default` (no overrides) is always measured first.
+The last line of stdout is one JSON object {variant: {...}, "_inversion": {...}}; --out writes it too.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import re
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+import yaml
 
 from labelfoundry.domains import toyfaces
 from labelfoundry.features import generate_with_taps
-from labelfoundry.generators import load_generator
-from labelfoundry.inversion.optimize import InversionConfig, invert
+from labelfoundry.generators import load_networks
+from labelfoundry.inversion.optimize import InversionConfig, InversionResult, invert
 from labelfoundry.labelers import FitData, GenBatch
 from labelfoundry.labelers.handsoff import HandsOffConfig, HandsOffLabeler
 from labelfoundry.segmenters.metrics import segmentation_iou
@@ -47,48 +64,143 @@ def rgb_baseline(train_img: np.ndarray, train_mask: np.ndarray, test_img: np.nda
         return net(xt).argmax(-1).reshape(test_img.shape[:3])
 
 
+def parse_variant(text: str) -> tuple[str, dict]:
+    """'name:key=v,key=v1,v2' -> (name, {key: v, key: [v1, v2]}), values parsed as YAML and checked
+    against HandsOffConfig (a typo fails here, before any fitting)."""
+    name, _, body = text.partition(":")
+    if not name or not re.fullmatch(r"[\w.-]+", name):
+        raise SystemExit(f"--variant {text!r}: expected NAME:key=value,... (NAME of letters, digits, _ . -)")
+    over: dict = {}
+    for part in re.split(r",(?=\w+=)", body) if body else []:
+        key, eq, val = part.partition("=")
+        if not eq:
+            raise SystemExit(f"--variant {text!r}: {part!r} is not key=value")
+        v = yaml.safe_load(f"[{val}]" if "," in val else val)
+        over[key.strip()] = v
+    HandsOffConfig(**over)  # validates names and types now
+    return name, over
+
+
+def spread(masks: torch.Tensor) -> dict:
+    """Std over images of the foreground (class > 0) area fraction and centroid (in pixels)."""
+    fg = (masks > 0).float()
+    n, h, w = fg.shape
+    area = fg.mean((1, 2))
+    ys, xs = torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32)
+    tot = fg.sum((1, 2)).clamp_min(1)
+    cy = (fg.sum(2) * ys).sum(1) / tot
+    cx = (fg.sum(1) * xs).sum(1) / tot
+    return {"area": area.std().item(), "cx": cx.std().item(), "cy": cy.std().item()}
+
+
+def inverted(G, split: str, n: int, offset: int, cfg: InversionConfig, cache: Path, tag: str):
+    """(samples, inversion) for n faces of a split from `offset`; cached per generator + config."""
+    samples = toyfaces.samples(split, n, G.resolution, offset=offset)
+    key = hashlib.sha256(cfg.model_dump_json().encode()).hexdigest()[:10]
+    path = cache / f"inv-{tag}-{split}-{offset}-{n}-{key}.pt"
+    if path.exists():
+        return samples, InversionResult.load(path)
+    cache.mkdir(parents=True, exist_ok=True)
+    res = invert(G, np.stack([s.image for s in samples]), cfg, ids=[s.sample_id for s in samples])
+    res.save(path)
+    return samples, res
+
+
+@torch.no_grad()
+def label_all(G, lab: HandsOffLabeler, ws: torch.Tensor, batch: int = 16):
+    labels, unc = [], []
+    for i in range(0, len(ws), batch):
+        img, taps = generate_with_taps(G, ws[i : i + batch], lab.tap_spec)
+        out = lab.label(GenBatch(ws[i : i + batch], img, taps, G=G))
+        labels.append(out.label.long())
+        unc.append(out.uncertainty)
+    return torch.cat(labels), torch.cat(unc)
+
+
+def mean_std(xs: list[float]) -> dict:
+    a = np.asarray(xs, dtype=float)
+    if np.isnan(a).all():
+        return {"mean": None, "std": None, "n": len(a)}
+    return {"mean": round(float(np.nanmean(a)), 4), "std": round(float(np.nanstd(a)), 4), "n": len(a)}
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--generator", default="toyfaces-64")
     ap.add_argument("--labeled", type=int, default=16)
+    ap.add_argument("--offset", type=int, default=1000, help="first train-pool index of the labeled subset (the headline uses 0)")
     ap.add_argument("--val", type=int, default=64)
     ap.add_argument("--inv-steps", type=int, default=300)
-    ap.add_argument("--min-steps", type=int, default=300)
-    ap.add_argument("--members", type=int, default=10)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--inv-loss", choices=("l2", "lpips"), default="l2")
+    ap.add_argument("--variant", action="append", default=[], help="NAME:key=value,... (repeatable)")
+    ap.add_argument("--base", default="", help="key=value,... applied to every variant (e.g. a quick smoke budget)")
+    ap.add_argument("--seeds", default="0,1", help="fit seeds per variant")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--cache", type=Path, default=Path("runs/handsoff-quality"))
+    ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    G = load_generator(args.generator)
+    base_over = parse_variant(f"base:{args.base}")[1]
+    variants = dict([("default", {})] + [parse_variant(v) for v in args.variant])
+    seeds = [int(s) for s in args.seeds.split(",")]
+    nets = load_networks(args.generator)
+    G = nets.G
     R, K = G.resolution, len(toyfaces.CLASSES)
-    tr = toyfaces.samples("train", args.labeled, R)
-    va = toyfaces.samples("val", args.val, R)
-    t = {}
-    t0 = time.time()
-    inv = invert(G, np.stack([s.image for s in tr]), InversionConfig(steps=args.inv_steps))
-    t["invert_train_s"] = time.time() - t0
-    t0 = time.time()
-    lab = HandsOffLabeler.fit(G, FitData.from_samples(tr, toyfaces.SCHEMA.to_json(), latents=inv.ws),
-                              HandsOffConfig(members=args.members, min_steps=args.min_steps))
-    t["fit_s"] = time.time() - t0
-    t0 = time.time()
-    invv = invert(G, np.stack([s.image for s in va]), InversionConfig(steps=args.inv_steps))
-    t["invert_val_s"] = time.time() - t0
-    img, taps = generate_with_taps(G, invv.ws, lab.tap_spec)
-    out = lab.label(GenBatch(invv.ws, img, taps))
-    gt = torch.from_numpy(np.stack([s.mask for s in va]))
-    miou, per = segmentation_iou(out.label.long(), gt, K)
-    base = rgb_baseline(np.stack([s.image for s in tr]), np.stack([s.mask for s in tr]), np.stack([s.image for s in va]), K)
-    b_miou, b_per = segmentation_iou(base, gt, K)
-    wrong = out.label.long() != gt
-    res = {
-        "generator": args.generator, "kimg": (getattr(G, "extra", {}) or {}).get("kimg"), "labeled": args.labeled, "val": args.val,
-        "handsoff_miou": miou, "handsoff_per_class": dict(zip(toyfaces.CLASSES, per)),
-        "rgb_baseline_miou": b_miou, "rgb_baseline_per_class": dict(zip(toyfaces.CLASSES, b_per)),
-        "js_wrong": out.uncertainty[wrong].mean().item(), "js_right": out.uncertainty[~wrong].mean().item(),
-        "pixel_error_rate": wrong.float().mean().item(),
-        "recon_mse_train": float(inv.loss.mean()), "recon_mse_val": float(invv.loss.mean()), **t,
-    }
-    print(json.dumps(res, default=lambda v: None if v != v else v))
+    tag = hashlib.sha256(str(args.generator).encode()).hexdigest()[:8]
+    icfg = InversionConfig(steps=args.inv_steps, loss=args.inv_loss)
+    tr, inv = inverted(G, "train", args.labeled, args.offset, icfg, args.cache, tag)
+    va, invv = inverted(G, "val", args.val, 0, icfg, args.cache, tag)
+    gt_tr = torch.from_numpy(np.stack([s.mask for s in tr])).long()
+    gt_va = torch.from_numpy(np.stack([s.mask for s in va])).long()
+    gt_spread = spread(gt_va)
+    result: dict = {"_inversion": {
+        "generator": args.generator, "kimg": (nets.extra or {}).get("kimg"), "config": icfg.model_dump(),
+        "labeled": args.labeled, "offset": args.offset, "val": args.val,
+        "recon_mse_train": {"median": float(np.median(inv.loss)), "max": float(inv.loss.max())},
+        "recon_mse_val": {"median": float(np.median(invv.loss)), "max": float(invv.loss.max())},
+        "gt_val_spread": gt_spread,
+    }}
+    base = rgb_baseline(np.stack([s.image for s in tr]), gt_tr.numpy(), np.stack([s.image for s in va]), K)
+    b_miou, b_per = segmentation_iou(base, gt_va, K)
+    result["rgb_baseline"] = {"val_miou": mean_std([b_miou]),
+                              "val_per_class": {c: mean_std([v]) for c, v in zip(toyfaces.CLASSES, b_per)}}
+    data = FitData.from_samples(tr, toyfaces.SCHEMA.to_json(), latents=inv.ws)
+    for name, over in variants.items():
+        runs = []
+        for seed in seeds:
+            cfg = HandsOffConfig(**{**base_over, **over, "seed": seed})
+            t0 = time.time()
+            lab = HandsOffLabeler.fit(G, data, cfg)
+            fit_s = time.time() - t0
+            t0 = time.time()
+            lv, uv = label_all(G, lab, invv.ws)
+            label_s = (time.time() - t0) / len(lv)
+            lt, _ = label_all(G, lab, inv.ws)
+            v_miou, v_per = segmentation_iou(lv, gt_va, K)
+            t_miou, _ = segmentation_iou(lt, gt_tr, K)
+            sp = spread(lv)
+            wrong = lv != gt_va
+            runs.append({"val_miou": v_miou, "train_miou": t_miou, "per": v_per, "fit_s": fit_s, "label_s": label_s,
+                         **{f"spread_{k}": sp[k] / max(gt_spread[k], 1e-9) for k in sp},
+                         "js_wrong": uv[wrong].mean().item(), "js_right": uv[~wrong].mean().item()})
+            print(f"# {name} seed {seed}: val mIoU {v_miou:.3f} train {t_miou:.3f} area spread {runs[-1]['spread_area']:.2f} "
+                  f"fit {fit_s:.0f} s", flush=True)
+        result[name] = {
+            "overrides": {**base_over, **over},
+            **{k: mean_std([r[k] for r in runs]) for k in ("val_miou", "train_miou", "spread_area", "spread_cx", "spread_cy",
+                                                         "js_wrong", "js_right", "fit_s", "label_s")},
+            "val_per_class": {c: mean_std([r["per"][i] for r in runs]) for i, c in enumerate(toyfaces.CLASSES)},
+        }
+    print("| variant | val mIoU | train mIoU | area spread | cx spread | fit s |")
+    print("|---|---|---|---|---|---|")
+    for name in variants:
+        r = result[name]
+        print(f"| {name} | {r['val_miou']['mean']:.3f} ± {r['val_miou']['std']:.3f} | {r['train_miou']['mean']:.3f} | "
+              f"{r['spread_area']['mean']:.2f} | {r['spread_cx']['mean']:.2f} | {r['fit_s']['mean']:.0f} |")
+    line = json.dumps(result, default=lambda v: None if v != v else v)
+    if args.out:
+        args.out.write_text(line + "\n")
+    print(line)
 
 
 if __name__ == "__main__":
