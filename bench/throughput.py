@@ -3,10 +3,12 @@
     python bench/throughput.py                        # 2 workers x 1 torch thread (the demo's runner)
     python bench/throughput.py --workers 1 --torch-threads 2 --batch 64
     python bench/throughput.py --precision fp32       # default: auto (bf16 where the CPU runs it natively)
+    python bench/throughput.py --device cuda --workers 1 --batch 64 --n 4096 [--res 256]
 
-Setup: the shipped toy-faces generator (toyfaces-64) and a HandsOff labeler of the demo's shape
-(10 members, hidden (256, 32), 10 classes), randomly initialised: its weights do not change the
-work done. Each phase runs `workers` Python threads, each with its own share of the samples, and
+Setup: the shipped toy-faces generator (toyfaces-64; at --res other than 64 a randomly initialised
+StyleGAN2 of that resolution with channel_base 16384, channel_max 256, as bench/labeling.py) and a
+HandsOff labeler of the demo's shape (10 members, hidden (256, 32), 10 classes), randomly
+initialised: weights do not change the work done. On CUDA each phase ends with a device sync. Each phase runs `workers` Python threads, each with its own share of the samples, and
 torch.set_num_threads(torch_threads) (the factory's thread runner does the same), after a
 one-batch warm-up; samples/s is total samples / wall time of the phase. Generator and labeler run
 at the same precision.
@@ -45,6 +47,7 @@ from labelfoundry.domains.toyfaces import CLASSES  # noqa: E402
 from labelfoundry.features import generate_with_taps  # noqa: E402
 from labelfoundry.generation import generate_samples, generate_shards, sample_seed  # noqa: E402
 from labelfoundry.generators import load_generator  # noqa: E402
+from labelfoundry.generators.stylegan2 import Generator, StyleGAN2Config  # noqa: E402
 from labelfoundry.labelers.handsoff import HandsOffConfig, HandsOffLabeler  # noqa: E402
 from labelfoundry.precision import resolve_precision  # noqa: E402
 
@@ -76,29 +79,43 @@ def split(ids: list[int], workers: int) -> list[list[int]]:
     return [ids[k::workers] for k in range(workers)]
 
 
+def bench_generator(res: int, device: torch.device) -> torch.nn.Module:
+    """The shipped 64² model, or a random StyleGAN2 of another resolution (same work per image)."""
+    if res == 64:
+        return load_generator("toyfaces-64", device)
+    torch.manual_seed(0)
+    return Generator(StyleGAN2Config(resolution=res, channel_base=16384, channel_max=256)).to(device).eval()
+
+
 def measure(n: int, batch: int, workers: int, torch_threads: int, precision: str, samples_per_shard: int,
-            out_dir: str, read: bool = True, log=print) -> dict:
+            out_dir: str, read: bool = True, log=print, device: str = "cpu", res: int = 64) -> dict:
     torch.set_num_threads(torch_threads)
-    G = load_generator("toyfaces-64")
+    dev = torch.device(device)
+    G = bench_generator(res, dev)
     cfg = HandsOffConfig()
     torch.manual_seed(0)
-    lab = HandsOffLabeler(cfg, cfg.tap_spec.channels(G.tap_channels), G.resolution, len(CLASSES)).eval()
-    dtype = resolve_precision(precision, "cpu")
+    lab = HandsOffLabeler(cfg, cfg.tap_spec.channels(G.tap_channels), G.resolution, len(CLASSES)).to(dev).eval()
+    dtype = resolve_precision(precision, dev)
     amp = dtype == torch.bfloat16
     prec = "bf16" if amp else "fp32"
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
 
     @torch.no_grad()
     def gen_only(ids: list[int]) -> None:
         for i in range(0, len(ids), batch):
-            z = G.z_from_seeds([sample_seed(0, s) for s in ids[i : i + batch]], "cpu")
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            z = G.z_from_seeds([sample_seed(0, s) for s in ids[i : i + batch]], dev)
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
                 generate_with_taps(G, G.mapping(z), lab.tap_spec)
+        sync()
 
     def label(ids: list[int]) -> None:
-        generate_samples(G, lab, ids, 0, batch=batch, precision=prec)
+        generate_samples(G, lab, ids, 0, batch=batch, precision=prec, device=dev)
 
     ids = list(range(n))
-    out: dict = {"res": G.resolution, "n": n, "batch": batch, "workers": workers, "torch_threads": torch_threads,
+    out: dict = {"device": str(dev), "res": G.resolution, "n": n, "batch": batch, "workers": workers, "torch_threads": torch_threads,
                  "threads": workers * torch_threads, "precision": prec, "samples_per_shard": samples_per_shard}
     for name, fn in (("gen_sps", gen_only), ("label_sps", label)):
         run_workers(workers, lambda k: fn(list(range(batch))))  # warm-up: one batch per worker
@@ -114,7 +131,7 @@ def measure(n: int, batch: int, workers: int, torch_threads: int, precision: str
         samples_per_shard=samples_per_shard, w_shape=(G.num_ws, G.w_dim), provenance={"bench": "throughput"},
     )
     wall = run_workers(workers, lambda k: generate_shards(
-        G, lab, store, split(list(range(num_shards)), workers)[k], 0, batch=batch, precision=prec))
+        G, lab, store, split(list(range(num_shards)), workers)[k], 0, batch=batch, precision=prec, device=dev))
     out["commit_sps"] = round(store.num_samples / wall, 1)
     log(f"# commit_sps {out['commit_sps']:8.1f} samples/s ({store.num_samples} samples, {wall:.1f} s)")
     out["read_sps_shuffled"] = out["read_sps_random"] = None
@@ -147,10 +164,12 @@ def main(argv=None) -> int:
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
     p.add_argument("--samples-per-shard", type=int, default=64)
     p.add_argument("--no-read", action="store_true", help="skip the reader phase")
+    p.add_argument("--device", default="cpu", help="cpu | cuda[:k]")
+    p.add_argument("--res", type=int, default=64, help="64: the shipped model; else a random StyleGAN2 of this size")
     a = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="lf-throughput-") as tmp:
         out = measure(a.n, a.batch, a.workers, a.torch_threads, a.precision, a.samples_per_shard, tmp,
-                      read=not a.no_read, log=lambda s: print(s, flush=True))
+                      read=not a.no_read, log=lambda s: print(s, flush=True), device=a.device, res=a.res)
     print(json.dumps(out), flush=True)
     return 0
 
