@@ -316,6 +316,8 @@ def train_generator_cmd(
     lr: float = typer.Option(0.0025, help="learning rate of G (D's gets the lazy-R1 correction)"),
     lr_decay_from: Optional[float] = typer.Option(None, help="cosine ramp-down of the rates from this kimg to the end"),
     lr_final: float = typer.Option(0.1, help="the ramp-down's last multiplier of --lr"),
+    init_from: Optional[Path] = typer.Option(None, help="warm-start a fresh --out from an exported G_ema + D file "
+                                             "(a kept snapshot or the shipped asset); fresh optimisers"),
 ) -> None:
     """Train the built-in StyleGAN2 on toy faces (resumes from <out>/checkpoint.pt)."""
     import shutil
@@ -335,7 +337,8 @@ def train_generator_cmd(
         def prog(d: dict) -> None:
             bar.update(t, completed=d["kimg"], info=f"kimg {d['kimg']:.1f} D {d['loss_d']:.2f} G {d['loss_g']:.2f} lr {d['lr']:.2g} {d['img_per_s']:.0f} img/s")
 
-        path = train_generator(cfg, out, device=dev, progress=prog, max_seconds=max_minutes * 60 if max_minutes else None)
+        path = train_generator(cfg, out, device=dev, progress=prog, max_seconds=max_minutes * 60 if max_minutes else None,
+                               init_from=init_from)
     if export:
         shutil.copyfile(path, export)
     console.print(f"generator: {path}")

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from labelfoundry.generators.train import (
-    GeneratorTrainConfig, _real_batch, build_state, d_loss, g_loss, load_state, save_state, train_step,
+    GeneratorTrainConfig, _real_batch, build_state, d_loss, g_loss, init_from_export, load_state, save_state, train_generator,
+    train_step,
 )
 
 TINY = GeneratorTrainConfig(resolution=16, z_dim=16, w_dim=16, map_layers=2, channel_base=128, channel_max=16,
@@ -84,3 +85,30 @@ def test_resumed_run_takes_the_new_schedule_over_the_checkpoints_rate(tmp_path, 
     assert want < TINY.lr
     assert resumed.opt_g.param_groups[0]["lr"] == pytest.approx(want)
     assert resumed.opt_d.param_groups[0]["lr"] == pytest.approx(want * decay.r1_lazy_c())
+
+
+def test_warm_start_from_an_exported_snapshot(tmp_path, one_thread):
+    """A fresh directory started from an exported G_ema + D: G and G_ema are the exported G_ema, D is
+    the exported D, the image count continues from the file's kimg, and training goes on from there.
+    A directory that already resumes exactly refuses the warm start; a mismatched model is named."""
+    st = build_state(TINY, DEV)
+    for _ in range(2):
+        train_step(st, TINY, DEV, amp=False)
+    save_state(st, TINY, tmp_path / "first")
+    exported = tmp_path / "first" / "generator.safetensors"
+    cfg = TINY.model_copy(update={"total_kimg": 3 * TINY.batch / 1000, "lr_decay_from_kimg": 0.0})
+    warm = build_state(cfg, DEV)
+    init_from_export(warm, exported, cfg)
+    assert warm.nimg == 2 * TINY.batch and warm.step == 2
+    for a, b, c in zip(warm.G.state_dict().values(), warm.G_ema.state_dict().values(), st.G_ema.state_dict().values()):
+        assert torch.equal(a, c) and torch.equal(b, c)
+    for a, b in zip(warm.D.state_dict().values(), st.D.state_dict().values()):
+        assert torch.equal(a, b)
+    out = train_generator(cfg, tmp_path / "warm", init_from=exported)
+    back = torch.load(tmp_path / "warm" / "checkpoint.pt", weights_only=True)
+    assert back["nimg"] == 3 * TINY.batch and out.is_file()  # one step on from the snapshot's count
+    with pytest.raises(ValueError, match="already holds a checkpoint"):
+        train_generator(cfg, tmp_path / "warm", init_from=exported)
+    other = TINY.model_copy(update={"channel_max": 8})
+    with pytest.raises(ValueError, match="does not match this training configuration"):
+        init_from_export(build_state(other, DEV), exported, other)

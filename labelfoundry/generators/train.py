@@ -139,6 +139,27 @@ def load_state(st: GANState, ckpt: Path, dev: torch.device) -> None:
     st.step, st.nimg = int(d["step"]), int(d["nimg"])
 
 
+def init_from_export(st: GANState, path: Path, cfg: GeneratorTrainConfig) -> None:
+    """Warm start from an exported model (G_ema + D, e.g. a kept snapshot): G and G_ema both take
+    the exported G_ema, D its D; the optimisers start fresh and the image count continues from the
+    file's kimg. For a new schedule from the best snapshot when the resumable state has moved past
+    it (StyleGAN2-ADA's resume from a network file works the same way, with fresh optimisers)."""
+    from .io import load_own
+
+    nets = load_own(path, st.G_ema.w_avg.device)
+    if nets.D is None:
+        raise ValueError(f"{path} holds no discriminator: training needs G_ema + D (a file written by train-generator)")
+    try:
+        st.G.load_state_dict(nets.G.state_dict()); st.G_ema.load_state_dict(nets.G.state_dict())
+        st.D.load_state_dict(nets.D.state_dict())
+    except RuntimeError as e:
+        raise ValueError(f"{path} does not match this training configuration (resolution {cfg.resolution}, "
+                         f"channel_base {cfg.channel_base}, channel_max {cfg.channel_max}): {str(e)[:300]}") from None
+    kimg = float((nets.extra or {}).get("kimg", 0.0))
+    st.nimg = int(round(kimg * 1000))
+    st.step = st.nimg // cfg.batch
+
+
 def save_state(st: GANState, cfg: GeneratorTrainConfig, out: Path) -> None:
     """The resumable checkpoint and the exported G_ema + D, each written atomically."""
     with atomic_path(out / "checkpoint.pt") as tmp:
@@ -229,14 +250,21 @@ def train_generator(
     device: str = "cpu",
     progress: Callable[[dict], None] | None = None,
     max_seconds: float | None = None,
+    init_from: str | os.PathLike | None = None,
 ) -> Path:
-    """Train (or resume) until `cfg.total_kimg`; returns the path of the exported G_ema + D file."""
+    """Train (or resume) until `cfg.total_kimg`; returns the path of the exported G_ema + D file.
+    `init_from`: an exported G_ema + D file to warm-start a fresh directory from (see `init_from_export`)."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     dev = torch.device(device)
     st = build_state(cfg, dev)
     if (out / "checkpoint.pt").exists():
+        if init_from is not None:
+            raise ValueError(f"{out} already holds a checkpoint.pt, which resumes exactly; init_from applies only to "
+                             "a fresh directory: choose another --out, or drop --init-from to resume")
         load_state(st, out / "checkpoint.pt", dev)
+    elif init_from is not None:
+        init_from_export(st, Path(init_from), cfg)
+    out.mkdir(parents=True, exist_ok=True)
     amp = cfg.amp and bf16_autocast_ok(dev)
     fixed_z = st.G.z_from_seeds(list(range(64)), dev)
     snap = int(cfg.snapshot_kimg * 1000)
