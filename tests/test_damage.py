@@ -347,3 +347,12 @@ def test_cli_verify_exit_codes_and_repair(tmp_path):
     assert "uncommitted shard(s) [0]" in out and "re-run the same" in out
     assert not _part(url, 0).exists() and np.all(verify(url).uncommitted == [0])
     assert len(ShardStore.open(url).manifest()) == N - S
+
+
+def test_many_uncommitted_shards_are_summarised_as_runs():
+    """A large dataset stopped early: the shards past the listed ones read as runs, not thousands of numbers."""
+    from storage.verify import _ranges
+
+    assert _ranges([9, 5, 6, 7, 12, 20, 21]) == "5-7, 9, 12, 20-21"
+    assert _ranges(list(range(824, 3907))) == "824-3906"
+    assert _ranges(list(range(0, 100, 2)), most=3) == "0, 2, 4, and 47 more runs"
