@@ -324,3 +324,17 @@ def read_layout(root: Any) -> tuple[Layout, dict[str, Any]]:
             f"{root.describe(DATASET_JSON)} is not valid JSON ({exc}); restore it or recreate the dataset"
         ) from exc
     return Layout.from_dict(info, root.describe(DATASET_JSON)), info
+
+
+def index_runs(indices: list[int], sep: str = ", ", most: int | None = None) -> str:
+    """Shard indices as sorted runs, '5-9, 12, 20-3906': one line a reader can take in, also for the
+    thousands of shards a large dataset has. Past `most` runs, a count of the rest."""
+    runs: list[tuple[int, int]] = []
+    for i in sorted(int(i) for i in indices):
+        if runs and i == runs[-1][1] + 1:
+            runs[-1] = (runs[-1][0], i)
+        else:
+            runs.append((i, i))
+    shown = runs if most is None else runs[:most]
+    text = sep.join(f"{a}" if a == b else f"{a}-{b}" for a, b in shown)
+    return text + (f"{sep}and {len(runs) - most} more runs" if most is not None and len(runs) > most else "")

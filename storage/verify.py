@@ -21,7 +21,7 @@ from . import manifest as _manifest
 from .errors import CorruptShardError, MissingChunkError
 from .fsio import Root, resolve
 from .hashing import shard_checksums
-from .layout import Layout, manifest_part_key, read_layout
+from .layout import Layout, index_runs, manifest_part_key, read_layout
 from .sample_reader import SampleReader, regenerate_hint
 from .shard_index import shard_file_problem
 from .store import ShardStore
@@ -119,7 +119,7 @@ class VerifyReport:
                 why = "no data written yet"
             lines.append(f"  shard {index}: not committed (no {part}; {why})")
         if len(self.uncommitted) > _MAX_LISTED:
-            lines.append(f"  ... and {len(self.uncommitted) - _MAX_LISTED} more: shards {_ranges(self.uncommitted[_MAX_LISTED:])}")
+            lines.append(f"  ... and {len(self.uncommitted) - _MAX_LISTED} more: shards {index_runs(self.uncommitted[_MAX_LISTED:], most=20)}")
         lines.append(f"  to complete the dataset: {RERUN_FIX}")
         return lines
 
@@ -213,15 +213,3 @@ def _verify_shard(root: Root, layout: Layout, reader: SampleReader, index: int, 
         bad.append(BadShard(index, files, f"checksum mismatch for sample(s) {mismatched[:8]}{more}", fix))
     return bad
 
-
-def _ranges(indices: list[int], most: int = 20) -> str:
-    """Sorted shard indices as runs, '5-9, 12, 20-3906' (a million-sample dataset stopped early has
-    thousands uncommitted: one line a reader can take in); past `most` runs, a count of the rest."""
-    runs: list[tuple[int, int]] = []
-    for i in sorted(indices):
-        if runs and i == runs[-1][1] + 1:
-            runs[-1] = (runs[-1][0], i)
-        else:
-            runs.append((i, i))
-    text = ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in runs[:most])
-    return text + (f", and {len(runs) - most} more runs" if len(runs) > most else "")

@@ -9,18 +9,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from storage.layout import index_runs
+
 
 def shard_span(indices: list[int]) -> str:
-    """[0-3] for a contiguous range, [5] for one shard, [0,2,7] otherwise."""
-    idx = sorted(int(i) for i in indices)
-    if not idx:
-        return "[]"
-    if len(idx) == 1:
-        return f"[{idx[0]}]"
-    if idx == list(range(idx[0], idx[-1] + 1)):
-        return f"[{idx[0]}-{idx[-1]}]"
-    return "[" + ",".join(map(str, idx)) + "]"
-
+    """[0-3] for a contiguous range, [5] for one shard, [0,2,7] or [0-2,5] otherwise."""
+    return f"[{index_runs(indices, sep=',')}]"
 
 def _get(obj: Any, key: str, default: Any = None) -> Any:
     """A field of a pydantic section or of its dict dump (parameters may arrive as either)."""

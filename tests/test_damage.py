@@ -351,8 +351,8 @@ def test_cli_verify_exit_codes_and_repair(tmp_path):
 
 def test_many_uncommitted_shards_are_summarised_as_runs():
     """A large dataset stopped early: the shards past the listed ones read as runs, not thousands of numbers."""
-    from storage.verify import _ranges
+    from storage.layout import index_runs
 
-    assert _ranges([9, 5, 6, 7, 12, 20, 21]) == "5-7, 9, 12, 20-21"
-    assert _ranges(list(range(824, 3907))) == "824-3906"
-    assert _ranges(list(range(0, 100, 2)), most=3) == "0, 2, 4, and 47 more runs"
+    assert index_runs([9, 5, 6, 7, 12, 20, 21]) == "5-7, 9, 12, 20-21"
+    assert index_runs(list(range(824, 3907))) == "824-3906"
+    assert index_runs(list(range(0, 100, 2)), most=3) == "0, 2, 4, and 47 more runs"
