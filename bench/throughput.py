@@ -8,7 +8,8 @@
 Setup: the shipped toy-faces generator (toyfaces-64; at --res other than 64 a randomly initialised
 StyleGAN2 of that resolution with channel_base 16384, channel_max 256, as bench/labeling.py) and a
 HandsOff labeler of the demo's shape (10 members, hidden (256, 32), 10 classes), randomly
-initialised: weights do not change the work done. On CUDA each phase ends with a device sync. Each phase runs `workers` Python threads, each with its own share of the samples, and
+initialised: weights do not change the work done. On CUDA each phase ends with a device sync.
+Each phase runs `workers` Python threads, each with its own share of the samples, and
 torch.set_num_threads(torch_threads) (the factory's thread runner does the same), after a
 one-batch warm-up; samples/s is total samples / wall time of the phase. Generator and labeler run
 at the same precision.
