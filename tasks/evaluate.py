@@ -162,6 +162,33 @@ def _outputs(cfg, task: str, binary: bool, schema: dict) -> list[str]:
     return ["background", "foreground"] if binary else list(schema["class_names"])
 
 
+def run_side_by_side(jobs: list[tuple], workers: int) -> list:
+    """Run (task, parameters) jobs and return their results in order: one after another in this
+    process (workers 1), or side by side in `workers` spawned processes (Prefect's process-pool
+    runner). A CPU trains fastest as one single-threaded process per core; several intra-op threads
+    in one process collapsed under contention here (docs/evaluation.md)."""
+    workers = min(workers, len(jobs))
+    if workers <= 1:
+        return [t(**p) for t, p in jobs]
+    import os
+
+    from prefect.client.orchestration import get_client
+    from prefect.task_runners import ProcessPoolTaskRunner
+
+    # the workers must report to this run's API: an embedded server is known to this process's settings only
+    before = os.environ.get("PREFECT_API_URL")
+    os.environ["PREFECT_API_URL"] = str(get_client().api_url).rstrip("/")
+    try:
+        with ProcessPoolTaskRunner(max_workers=workers) as runner:
+            futures = [runner.submit(t, p) for t, p in jobs]
+            return [f.result() for f in futures]
+    finally:
+        if before is None:
+            os.environ.pop("PREFECT_API_URL")
+        else:
+            os.environ["PREFECT_API_URL"] = before
+
+
 def evaluate_stage(cfg, run_dir: Path, inverted: Artifact, store_path: str, mh: str, fh: str, device: str, cv: str,
                    array: str = "label") -> dict:
     """Train/evaluate every method (each a cached task) for one label array's task (`label`: the
@@ -195,6 +222,7 @@ def evaluate_stage(cfg, run_dir: Path, inverted: Artifact, store_path: str, mh: 
     if unknown:  # before any training: the labels have no such class
         raise ValueError(f"downstream.oversample: unknown classes {unknown}; valid classes: {names}")
     ds_cfg.pop("seeds")  # not a training input: seed i's cache entry is the same whatever the number of seeds
+    ds_cfg.pop("workers")  # nor is how many trainings run at once
     seeds = [cfg.seed + i for i in range(cfg.downstream.seeds)]
     plain_cfg = {**ds_cfg, "oversample": {}}  # uniform-draw methods: the same cache key with or without oversample
     results, skipped = {}, {}
@@ -212,19 +240,25 @@ def evaluate_stage(cfg, run_dir: Path, inverted: Artifact, store_path: str, mh: 
             return {**ds_cfg, "finetune_on_labeled": True}
         return ds_cfg if name in generated else plain_cfg  # no_oversample and baselines draw uniformly
 
+    jobs = []  # (method name, task, parameters): one training per method and seed
     for name in [ours, *baselines]:
         m = ours if name in ("no_oversample", "finetuned") else name  # variants of ours (own cache keys)
-        # quote: values built here are no task's result; Prefect's input tracking (by id) would
-        # otherwise take a recycled id for a finished train-evaluate's result and draw a false edge
-        runs = [cached(train_eval_task, run_dir, task_run_name=f"train-evaluate {name}{'' if array == 'label' else ' ' + array} seed {seed}")(
-            inverted=inverted, **{k: quote(v) for k, v in dict(
+        for seed in seeds:
+            run = cached(train_eval_task, run_dir,
+                         task_run_name=f"train-evaluate {name}{'' if array == 'label' else ' ' + array} seed {seed}")
+            # quote: values built here are no task's result; Prefect's input tracking (by id) would
+            # otherwise take a recycled id for a finished train-evaluate's result and draw a false edge
+            params = {"inverted": inverted, **{k: quote(v) for k, v in dict(
                 method=m, run_dir=str(run_dir), store_path=store_path if m in generated else None,
                 manifest_hash_=(mh + fh if m == ours else mh) if m in generated else None,
                 labeled_cfg=cfg.labeled.model_dump(), downstream_cfg=method_cfg(name), resolution=R,
                 num_outputs=len(names), binary=binary, seed=seed, code_version=cv, device=device, task=task, sigma=sigma,
                 array=array,
-            ).items()}) for seed in seeds]
-        results[name] = summarize_seeds(runs)
+            ).items()}}
+            jobs.append((name, run, params))
+    outcomes = run_side_by_side([(t, p) for _, t, p in jobs], cfg.downstream.workers)
+    for name in dict.fromkeys(n for n, _, _ in jobs):
+        results[name] = summarize_seeds([o for (n, _, _), o in zip(jobs, outcomes) if n == name])
     out = {"task": task, "methods": results, "class_names" if task == "segmentation" else "output_names": names,
            "num_labeled": cfg.labeled.num_images, "labeler": lcfg.method, "array": array, "seeds": seeds, "skipped": skipped}
     if task == "keypoints":

@@ -57,7 +57,7 @@ TINY: dict = {
     "filter": {"drop_top": 0.1},
     "downstream": {
         "max_steps": 5, "epochs": 1, "test_images": 16, "oracle_images": 32, "batch_size": 8,
-        "baselines": ["labeled_only", "oracle"],
+        "baselines": ["labeled_only", "oracle"], "workers": 1,
     },
     "runner": {"kind": "threads", "workers": 2, "torch_threads": 1},
 }

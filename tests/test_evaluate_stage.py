@@ -1,6 +1,7 @@
 """The evaluate stage's report: the ImageNet-transfer baseline (run or skipped) and prediction examples."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -51,7 +52,8 @@ def test_transfer_baseline_is_skipped_and_named_without_weights_then_runs_with_t
 def test_same_evaluation_twice_gives_identical_metrics_whatever_ran_before(tmp_path, make_config, monkeypatch):
     """Two runs of one config (two run dirs, so nothing is cached) give the same metrics, per seed, bit
     for bit, even when the second one's trainings start from another global RNG state and thread count
-    (what a cache hit, an earlier stage or another task leaves behind); two seeds give a spread."""
+    (what a cache hit, an earlier stage or another task leaves behind); two seeds give a spread. The
+    first run trains side by side in two worker processes, the second one after another in this one."""
     import tasks.evaluate
     from flows.factory import factory
 
@@ -62,12 +64,21 @@ def test_same_evaluation_twice_gives_identical_metrics_whatever_ran_before(tmp_p
         torch.set_num_threads(2)
         return render(*args, **kwargs)
 
+    train, here = tasks.evaluate.train_and_evaluate, os.getpid()
+
+    def elsewhere(*args, **kwargs):  # the task travels pickled by value, this check with it
+        assert os.getpid() != here, "downstream.workers 2 trained in the flow's own process"
+        return train(*args, **kwargs)
+
     metrics = []
     for name in ("a", "b"):
+        if name == "a":
+            monkeypatch.setattr(tasks.evaluate, "train_and_evaluate", elsewhere)
         if name == "b":
+            monkeypatch.undo()
             monkeypatch.setattr(tasks.evaluate, "toyfaces_split", disturbed)
         torch.set_num_threads(1)  # the upstream stages (outside this test's scope) start alike
-        cfg = make_config(tmp_path / name, tmp_path / name / "run", downstream={"seeds": 2})
+        cfg = make_config(tmp_path / name, tmp_path / name / "run", downstream={"seeds": 2, "workers": 2 if name == "a" else 1})
         factory(config=str(cfg))
         metrics.append(json.loads((tmp_path / name / "run" / "metrics.json").read_text()))
     a, b = metrics
