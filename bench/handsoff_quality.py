@@ -19,7 +19,7 @@ the same labeled faces is the no-generator control.
         --variant bal:class_balanced=true --variant long:min_steps=1200 --seeds 0,1
 
 A variant is NAME:key=value,... over HandsOffConfig fields (values parsed as YAML; a comma inside a
-tuple value is fine: `hidden=128,32`). `default` (no overrides) is always measured first.
+tuple value is fine: `hidden=128,32`). `default` (no overrides) is measured first unless --no-default.
 The last line of stdout is one JSON object {variant: {...}, "_inversion": {...}}; --out writes it too.
 """
 
@@ -135,13 +135,15 @@ def main() -> None:
     ap.add_argument("--variant", action="append", default=[], help="NAME:key=value,... (repeatable)")
     ap.add_argument("--base", default="", help="key=value,... applied to every variant (e.g. a quick smoke budget)")
     ap.add_argument("--seeds", default="0,1", help="fit seeds per variant")
+    ap.add_argument("--no-default", action="store_true", help="measure only the --variant list (fits are deterministic "
+                    "per seed: the defaults' figures from an earlier run still hold)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--cache", type=Path, default=Path("runs/handsoff-quality"))
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     base_over = parse_variant(f"base:{args.base}")[1]
-    variants = dict([("default", {})] + [parse_variant(v) for v in args.variant])
+    variants = dict(([] if args.no_default else [("default", {})]) + [parse_variant(v) for v in args.variant])
     seeds = [int(s) for s in args.seeds.split(",")]
     nets = load_networks(args.generator)
     G = nets.G
