@@ -7,6 +7,7 @@ trained on): the signal of the schedule rule (`plateau_step`, docs/schedules.md)
 labels beyond the few.
 
     python bench/learning_curves.py runs/demo --steps 2000 --every 100 --out docs/learning-curves
+    python bench/learning_curves.py --merge a.json b.json --out docs/learning-curves   # one figure
 
 Writes <out>.json (curves + the step the rule picks) and <out>.png. Prints one line per method.
 """
@@ -65,7 +66,7 @@ def curve(train, scored: dict, cfg: TrainConfig, arch: str, num_classes: int, ev
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("run_dir", help="a finished factory run (its summary.json, dataset and labeled images)")
+    ap.add_argument("run_dir", nargs="?", help="a finished factory run (its summary.json, dataset and labeled images)")
     ap.add_argument("--methods", default="generated,labeled_only,oracle")
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--every", type=int, default=100)
@@ -74,7 +75,15 @@ def main() -> None:
     ap.add_argument("--holdout", type=float, default=0.1, help="fraction of kept generated samples held out")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="output stem; default <run_dir>/learning-curves")
+    ap.add_argument("--merge", nargs="+", type=Path, default=None,
+                    help="instead of training: plot these earlier outputs (.json, same steps) as one figure at --out")
     args = ap.parse_args()
+    if args.merge:
+        if not args.out:
+            raise SystemExit("--merge needs --out STEM")
+        return merge(args.merge, Path(args.out))
+    if not args.run_dir:
+        raise SystemExit("give a finished run directory (or --merge JSON... --out STEM)")
     torch.set_num_threads(1)
     run = Path(args.run_dir)
     cfg = yaml.safe_load((run / "config.yaml").read_text())
@@ -100,15 +109,32 @@ def main() -> None:
             chosen[m] = ({"step": None, "why": "still rising at the last step: train longer"} if i is None else
                          {"step": xs[i], "test_miou_there": c["test"][i], "best_test_miou": max(c["test"])})
         print(m, {k: [round(v, 4) for v in vals] for k, vals in c.items()}, chosen.get(m, ""), flush=True)
-    stem = Path(args.out) if args.out else run / "learning-curves"
-    stem.parent.mkdir(parents=True, exist_ok=True)
     result = {"steps": xs, "curves": curves, "rule": "plateau_step on held-out generated mIoU", "chosen": chosen,
-              "run_dir": str(run), "train": train_cfg.model_dump(mode="json"), "test_images": args.test_images}
+              "run_dir": str(run), "train": train_cfg.model_dump(mode="json"), "test_images": args.test_images,
+              "arch": ds["arch"]}
+    write(result, Path(args.out) if args.out else run / "learning-curves")
+
+
+def write(result: dict, stem: Path) -> None:
+    """<stem>.json and <stem>.png: held-out generated and real-test mIoU against steps."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    curves = result["curves"]
     panels = {"held-out generated mIoU": {m: c["held_out"] for m, c in curves.items() if "held_out" in c},
               "real test mIoU": {m: c["test"] for m, c in curves.items()}}  # last panel: the legend of every method
-    sweep_png(xs, panels, stem.with_suffix(".png"), "training steps", f"learning curves ({ds['arch']})")
+    sweep_png(result["steps"], panels, stem.with_suffix(".png"), "training steps",
+              f"learning curves ({result.get('arch', 'tiny_unet')})")
     print(f"wrote {stem.with_suffix('.json')} and {stem.with_suffix('.png')}")
+
+
+def merge(paths: list[Path], stem: Path) -> None:
+    """Methods trained in separate runs of this script (side by side, one per core) as one result."""
+    parts = [json.loads(p.read_text()) for p in paths]
+    if any(p["steps"] != parts[0]["steps"] for p in parts):
+        raise SystemExit(f"--merge: {', '.join(map(str, paths))} were scored at different steps; re-run with one --steps/--every")
+    result = {**parts[0], "curves": {m: c for p in parts for m, c in p["curves"].items()},
+              "chosen": {m: c for p in parts for m, c in p["chosen"].items()}, "merged_from": [str(p) for p in paths]}
+    write(result, stem)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@
 
 Setup: the shipped toy-faces generator (toyfaces-64; at --res other than 64 a randomly initialised
 StyleGAN2 of that resolution with channel_base 16384, channel_max 256, as bench/labeling.py) and a
-HandsOff labeler of the demo's shape (10 members, hidden (256, 32), 10 classes), randomly
+HandsOff labeler of HandsOffConfig's default shape (or --members / --hidden), 10 classes, randomly
 initialised: weights do not change the work done. On CUDA each phase ends with a device sync.
 Each phase runs `workers` Python threads, each with its own share of the samples, and
 torch.set_num_threads(torch_threads) (the factory's thread runner does the same), after a
@@ -89,11 +89,12 @@ def bench_generator(res: int, device: torch.device) -> torch.nn.Module:
 
 
 def measure(n: int, batch: int, workers: int, torch_threads: int, precision: str, samples_per_shard: int,
-            out_dir: str, read: bool = True, log=print, device: str = "cpu", res: int = 64) -> dict:
+            out_dir: str, read: bool = True, log=print, device: str = "cpu", res: int = 64,
+            labeler: HandsOffConfig | None = None) -> dict:
     torch.set_num_threads(torch_threads)
     dev = torch.device(device)
     G = bench_generator(res, dev)
-    cfg = HandsOffConfig()
+    cfg = labeler or HandsOffConfig()
     torch.manual_seed(0)
     lab = HandsOffLabeler(cfg, cfg.tap_spec.channels(G.tap_channels), G.resolution, len(CLASSES)).to(dev).eval()
     dtype = resolve_precision(precision, dev)
@@ -117,7 +118,8 @@ def measure(n: int, batch: int, workers: int, torch_threads: int, precision: str
 
     ids = list(range(n))
     out: dict = {"device": str(dev), "res": G.resolution, "n": n, "batch": batch, "workers": workers, "torch_threads": torch_threads,
-                 "threads": workers * torch_threads, "precision": prec, "samples_per_shard": samples_per_shard}
+                 "threads": workers * torch_threads, "precision": prec, "samples_per_shard": samples_per_shard,
+                 "labeler": {"members": cfg.members, "hidden": list(cfg.hidden)}}
     for name, fn in (("gen_sps", gen_only), ("label_sps", label)):
         run_workers(workers, lambda k: fn(list(range(batch))))  # warm-up: one batch per worker
         wall = run_workers(workers, lambda k, fn=fn: fn(split(ids, workers)[k]))
@@ -167,10 +169,15 @@ def main(argv=None) -> int:
     p.add_argument("--no-read", action="store_true", help="skip the reader phase")
     p.add_argument("--device", default="cpu", help="cpu | cuda[:k]")
     p.add_argument("--res", type=int, default=64, help="64: the shipped model; else a random StyleGAN2 of this size")
+    p.add_argument("--members", type=int, default=None, help="labeler ensemble size (default: HandsOffConfig's)")
+    p.add_argument("--hidden", default=None, help="labeler hidden widths, e.g. 128,32 (default: HandsOffConfig's)")
     a = p.parse_args(argv)
+    shape = {k: v for k, v in (("members", a.members),
+                               ("hidden", tuple(int(x) for x in a.hidden.split(",")) if a.hidden else None)) if v is not None}
     with tempfile.TemporaryDirectory(prefix="lf-throughput-") as tmp:
         out = measure(a.n, a.batch, a.workers, a.torch_threads, a.precision, a.samples_per_shard, tmp,
-                      read=not a.no_read, log=lambda s: print(s, flush=True), device=a.device, res=a.res)
+                      read=not a.no_read, log=lambda s: print(s, flush=True), device=a.device, res=a.res,
+                      labeler=HandsOffConfig(**shape))
     print(json.dumps(out), flush=True)
     return 0
 
