@@ -33,7 +33,7 @@ from .layout import FORMAT_VERSION, score_column, uncertainty_array
 from .store import ShardStore
 from .verify import BadShard, VerifyReport, repair, verify
 
-_LAZY = {"ShardDataset", "ShardIterableDataset"}
+_LAZY = {"InMemoryDataset", "ShardDataset", "ShardIterableDataset"}
 
 
 def __getattr__(name: str) -> Any:
@@ -51,6 +51,7 @@ __all__ = [
     "DatasetLockError",
     "DiskFullError",
     "FormatVersionError",
+    "InMemoryDataset",
     "LayoutMismatchError",
     "MissingChunkError",
     "NotADatasetError",

@@ -57,6 +57,21 @@ class OpenedDataset:
 
         return ShardDataset(self.path, self.sample_ids, storage_options=self.storage_options, **kwargs)
 
+    def nbytes(self, arrays: list[str] | None = None) -> int:
+        """Bytes the selected samples' arrays take decoded (all arrays by default)."""
+        names = arrays or list(self.layout.arrays)
+        one = {n: self.read_array(n, self.sample_ids[:1]) for n in names} if len(self) else {}
+        return sum(a.nbytes for a in one.values()) * len(self)
+
+    def in_memory(self, arrays: list[str] | None = None, **kwargs: Any) -> Any:
+        """:class:`storage.reader.InMemoryDataset` of the selected samples (kwargs: transform): each
+        array read once, whole shards at a time; for sets that fit in RAM (check with `nbytes`)."""
+        from .reader import InMemoryDataset
+        from .sample_reader import SampleReader
+
+        rows = SampleReader(self.root, self.layout, "auto").read_many(self.sample_ids, arrays or list(self.layout.arrays))
+        return InMemoryDataset(rows, self.sample_ids, **kwargs)
+
     def iterable(self, shuffle: bool = True, seed: int = 0, **kwargs: Any) -> Any:
         """:class:`storage.reader.ShardIterableDataset` split over DDP ranks and workers.
 

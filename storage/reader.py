@@ -62,6 +62,28 @@ def to_torch(sample: dict[str, np.ndarray], sample_id: int) -> dict[str, Any]:
     return out
 
 
+class InMemoryDataset(Dataset):
+    """The selected samples' arrays read once, in whole-dataset passes, then served from memory: the
+    same items as :class:`ShardDataset` (same order, same tensors) for sets that fit in RAM, where a
+    training job would otherwise re-read every sample from its shard on every epoch."""
+
+    def __init__(self, arrays: dict[str, np.ndarray], sample_ids: Sequence[int] | np.ndarray,
+                 transform: Transform | None = None) -> None:
+        self.sample_ids = np.asarray(sample_ids, dtype=np.int64)
+        bad = {n: len(a) for n, a in arrays.items() if len(a) != len(self.sample_ids)}
+        if bad:
+            raise ValueError(f"arrays {bad} do not have one row per sample id ({len(self.sample_ids)})")
+        self.arrays = arrays
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.sample_ids)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        item = to_torch({n: a[i] for n, a in self.arrays.items()}, int(self.sample_ids[i]))
+        return self.transform(item) if self.transform else item
+
+
 class ShardDataset(Dataset):
     """Map-style dataset over ``sample_ids`` (use with any sampler / DistributedSampler)."""
 

@@ -44,6 +44,9 @@ from .common import Artifact, cached, log_progress, retry_transient, torch_threa
 from . import names
 
 
+IN_MEMORY_MAX_BYTES = 1 << 30  # per training process: a larger generated set streams from its shards
+
+
 def _train_cfg(ds: dict, seed: int) -> TrainConfig:
     return TrainConfig(lr=ds["lr"], batch_size=ds["batch_size"], epochs=ds["epochs"], max_steps=ds["max_steps"], seed=seed,
                        checkpoint_every=max(100, (ds["max_steps"] or 500) // 4), log_every=100)
@@ -86,7 +89,10 @@ def train_eval_task(
     weights = None
     if method in REGISTRY or method == "unfiltered":  # the generated dataset (filtered by default)
         opened = storage.open_dataset(store_path, filter=None if method == "unfiltered" else "keep")
-        train = opened.dataset(transform=functools.partial(generated_item, array=array))
+        item = functools.partial(generated_item, array=array)
+        # the same items either way; read once where they fit, instead of one shard read per sample per step
+        fits = opened.nbytes(["image", array]) <= IN_MEMORY_MAX_BYTES
+        train = opened.in_memory(["image", array], transform=item) if fits else opened.dataset(transform=item)
         if ds.get("oversample"):  # targeted oversampling: weights from the manifest's frac_<class> columns
             from labelfoundry.sampling import drawn_fraction, oversample_weights
 

@@ -193,6 +193,21 @@ def test_fast_backend_reads_byte_identical_arrays(dataset, backend):
     assert torch.equal(batch[0]["label"], mapped[5]["label"]) and torch.equal(batch[3]["image"], batch[0]["image"])
 
 
+def test_in_memory_dataset_gives_the_shard_datasets_items(dataset):
+    """A filtered selection read into memory: same ids, same tensors, same transform, as read from shards."""
+    opened = open_dataset(dataset, filter=lambda m: m["sample_id"] % 3 != 0)
+    names = ["image", "label"]
+    mem = opened.in_memory(names, transform=lambda item: {**item, "seen": True})
+    shards = opened.dataset()
+    assert len(mem) == len(shards) == NUM - NUM // 3
+    assert opened.nbytes(names) == sum(mem.arrays[n].nbytes for n in names)
+    for i in (0, 7, len(mem) - 1):
+        a, b = mem[i], shards[i]
+        assert a["seen"] and a["sample_id"] == b["sample_id"] and a["sample_id"] % 3 != 0
+        assert set(a) == {*names, "sample_id", "seen"}
+        assert all(torch.equal(a[n], b[n]) for n in names)
+
+
 def test_backend_choice_and_errors(tmp_path):
     memory = resolve("memory://lf-reader-backend")
     assert resolve_backend("auto", memory) == "zarr"  # fast backends read local disk only
