@@ -150,7 +150,9 @@ class DownstreamSection(_Strict):
                          "training is seeded and single-threaded, so the numbers do not depend on it")
     arch: Arch = "tiny_unet"
     epochs: int = 10
-    max_steps: int | None = 300
+    max_steps: int | None = Field(700, description="training steps per method (None: epochs). 700: where the "
+                                  "demo's HandsOff and labeled-only learning curves flatten (docs/evaluation.md); "
+                                  "the headline (--full) trains 1,000, where the plateau rule stops")
     batch_size: int = 32
     lr: float = 1e-3
     test_images: int = 500

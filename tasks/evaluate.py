@@ -262,9 +262,11 @@ def evaluate_stage(cfg, run_dir: Path, inverted: Artifact, store_path: str, mh: 
                 array=array,
             ).items()}}
             jobs.append((name, run, params))
-    outcomes = run_side_by_side([(t, p) for _, t, p in jobs], cfg.downstream.workers)
+    # the oracle's trainings (5,000 renders to make first) start first: side by side, the others fill in
+    order = sorted(range(len(jobs)), key=lambda i: jobs[i][0] != "oracle")
+    outcomes = dict(zip(order, run_side_by_side([jobs[i][1:] for i in order], cfg.downstream.workers)))
     for name in dict.fromkeys(n for n, _, _ in jobs):
-        results[name] = summarize_seeds([o for (n, _, _), o in zip(jobs, outcomes) if n == name])
+        results[name] = summarize_seeds([outcomes[i] for i, (n, _, _) in enumerate(jobs) if n == name])
     out = {"task": task, "methods": results, "class_names" if task == "segmentation" else "output_names": names,
            "num_labeled": cfg.labeled.num_images, "labeler": lcfg.method, "array": array, "seeds": seeds, "skipped": skipped}
     if task == "keypoints":

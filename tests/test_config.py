@@ -200,3 +200,13 @@ def test_parse_sets_types_values_as_yaml():
 
     assert _parse_sets(["generate.num_samples=5", "generate.psi=0.7", "generate.store_w=false", "a.b.c=x=y"]) == {
         "generate": {"num_samples": 5, "psi": 0.7, "store_w": False}, "a": {"b": {"c": "x=y"}}}
+
+
+def test_demo_yaml_spells_out_the_built_in_demo():
+    """configs/demo.yaml is documented as the built-in demo written out: the two must not drift."""
+    from pathlib import Path
+
+    from labelfoundry.config import load_config
+
+    demo = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+    assert load_config(str(demo)).model_dump() == load_config(None).model_dump()
