@@ -639,7 +639,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--channel-base", type=int, default=16384)
     p.add_argument("--channel-max", type=int, default=256)
-    p.add_argument("--members", type=int, default=10)
+    p.add_argument("--members", type=int, default=10, help="10 (the paper's; the issue's reference); the shipped default is 5")
+    p.add_argument("--hidden", default="256,32", help="H1,H2 (the paper's); the shipped default is 128,32")
     p.add_argument("--classes", type=int, default=8)
     p.add_argument("--tile-pixels", type=int, default=HandsOffConfig().tile_pixels)
     p.add_argument("--phases", default=None, help="comma-separated, from " + ",".join(PHASES)
@@ -664,7 +665,7 @@ def main(argv=None) -> int:
         res=res,
         batch=a.batch or (1 if a.quick else 2 if res <= 256 else 1),
         channel_base=a.channel_base, channel_max=a.channel_max, members=a.members, classes=a.classes,
-        tile_pixels=a.tile_pixels,
+        hidden=tuple(int(x) for x in a.hidden.split(",")), tile_pixels=a.tile_pixels,
         device=a.device, threads=a.threads,
         warmup=a.warmup if a.warmup is not None else (0 if a.quick else 1),
         reps=a.reps if a.reps is not None else (1 if a.quick else 3),
