@@ -58,7 +58,7 @@ FULL_OVERRIDES = {
     # The headline configuration: more samples, a longer downstream schedule, 3 seeds, the unfiltered control.
     "run_dir": "runs/full",
     "generate": {"num_samples": 3000},
-    "downstream": {"max_steps": 1000, "test_images": 1000, "seeds": 3,
+    "downstream": {"max_steps": 1000, "test_images": 1000, "seeds": 3, "workers": 2,
                    "baselines": ["labeled_only", "oracle", "unfiltered", "finetuned"]},
 }
 FULL_50 = {"run_dir": "runs/full-50", "labeled": {"num_images": 50}, "downstream": {"baselines": ["labeled_only", "unfiltered", "finetuned"]}}

@@ -145,14 +145,16 @@ class DownstreamSection(_Strict):
                        "augmentation); the report gives mean ± std over them. The headline (--full) uses 3")
     torch_threads: int = Field(1, ge=1, description="intra-op threads while training/evaluating; fixed, so the same "
                                "run gives the same numbers whatever ran before in the process")
-    workers: int = Field(2, ge=1, le=64, description="train-evaluate tasks run side by side in this many processes "
-                         "(each with torch_threads); 1 runs them one after another in the flow's process. Each "
-                         "training is seeded and single-threaded, so the numbers do not depend on it")
+    workers: int = Field(1, ge=1, le=64, description="train-evaluate tasks run side by side in this many spawned "
+                         "processes (each with torch_threads); 1 runs them one after another in the flow's process. "
+                         "Each training is seeded and single-threaded, so the numbers do not depend on it. On the "
+                         "2-core machine two side by side each step 1.7x slower: it pays for many trainings (the "
+                         "headline uses 2), not for the demo's three")
     arch: Arch = "tiny_unet"
     epochs: int = 10
-    max_steps: int | None = Field(700, description="training steps per method (None: epochs). 700: where the "
-                                  "demo's HandsOff and labeled-only learning curves flatten (docs/evaluation.md); "
-                                  "the headline (--full) trains 1,000, where the plateau rule stops")
+    max_steps: int | None = Field(500, description="training steps per method (None: epochs). 500: as far up the "
+                                  "learning curves (docs/evaluation.md) as the demo's 10 minutes allow; the "
+                                  "headline (--full) trains 1,000, where the plateau rule stops")
     batch_size: int = 32
     lr: float = 1e-3
     test_images: int = 500
