@@ -145,11 +145,9 @@ class DownstreamSection(_Strict):
                        "augmentation); the report gives mean ± std over them. The headline (--full) uses 3")
     torch_threads: int = Field(1, ge=1, description="intra-op threads while training/evaluating; fixed, so the same "
                                "run gives the same numbers whatever ran before in the process")
-    workers: int = Field(1, ge=1, le=64, description="train-evaluate tasks run side by side in this many spawned "
+    workers: int = Field(2, ge=1, le=64, description="train-evaluate tasks run side by side in this many spawned "
                          "processes (each with torch_threads); 1 runs them one after another in the flow's process. "
-                         "Each training is seeded and single-threaded, so the numbers do not depend on it. On the "
-                         "2-core machine two side by side each step 1.7x slower: it pays for many trainings (the "
-                         "headline uses 2), not for the demo's three")
+                         "Each training is seeded and single-threaded, so the numbers do not depend on it")
     arch: Arch = "tiny_unet"
     epochs: int = 10
     max_steps: int | None = Field(500, description="training steps per method (None: epochs). 500: as far up the "
