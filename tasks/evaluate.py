@@ -123,7 +123,9 @@ def train_eval_task(
             progress=log_progress(log, f"{method} (seed {seed}) training"),
         )
     key_metric = HEADLINE[task][0]
-    log.info("%s (seed %d): %s %s on %d test images", method, seed, key_metric, metrics[key_metric], len(test))
+    value = metrics[key_metric]
+    log.info("%s (seed %d): %s %s on %d test images", method, seed, key_metric,
+             "undefined" if value is None else f"{value:.4f}", len(test))
     return metrics
 
 
