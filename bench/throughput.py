@@ -172,8 +172,11 @@ def main(argv=None) -> int:
     p.add_argument("--members", type=int, default=None, help="labeler ensemble size (default: HandsOffConfig's)")
     p.add_argument("--hidden", default=None, help="labeler hidden widths, e.g. 128,32 (default: HandsOffConfig's)")
     a = p.parse_args(argv)
-    shape = {k: v for k, v in (("members", a.members),
-                               ("hidden", tuple(int(x) for x in a.hidden.split(",")) if a.hidden else None)) if v is not None}
+    shape: dict = {}
+    if a.members is not None:
+        shape["members"] = a.members
+    if a.hidden:
+        shape["hidden"] = tuple(int(x) for x in a.hidden.split(","))
     with tempfile.TemporaryDirectory(prefix="lf-throughput-") as tmp:
         out = measure(a.n, a.batch, a.workers, a.torch_threads, a.precision, a.samples_per_shard, tmp,
                       read=not a.no_read, log=lambda s: print(s, flush=True), device=a.device, res=a.res,

@@ -212,4 +212,3 @@ def _verify_shard(root: Root, layout: Layout, reader: SampleReader, index: int, 
         more = "..." if len(mismatched) > 8 else ""
         bad.append(BadShard(index, files, f"checksum mismatch for sample(s) {mismatched[:8]}{more}", fix))
     return bad
-

@@ -16,6 +16,7 @@ def shard_span(indices: list[int]) -> str:
     """[0-3] for a contiguous range, [5] for one shard, [0,2,7] or [0-2,5] otherwise."""
     return f"[{index_runs(indices, sep=',')}]"
 
+
 def _get(obj: Any, key: str, default: Any = None) -> Any:
     """A field of a pydantic section or of its dict dump (parameters may arrive as either)."""
     return obj.get(key, default) if isinstance(obj, dict) else getattr(obj, key, default)
