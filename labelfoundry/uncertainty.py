@@ -17,7 +17,22 @@ def entropy(p: torch.Tensor, dim: int = -1, eps: float = 1e-12) -> torch.Tensor:
 
 def js_divergence(probs: torch.Tensor) -> torch.Tensor:
     """probs (..., M, K) member probabilities -> (...,) generalised JS divergence in nats, >= 0."""
-    return (entropy(probs.mean(-2)) - entropy(probs).mean(-1)).clamp(min=0.0)
+    return js_from_logits(probs.clamp_min(1e-30).log(), -2, -1)[0]
+
+
+def js_from_logits(logits: torch.Tensor, member_dim: int, class_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Member logits -> (JS divergence over the members, mean probabilities), in whatever layout
+    the caller computed them: the reductions run along `member_dim` and `class_dim` in place, so a
+    pixels-innermost (M, K, P) tile vectorises without a transpose. The members' entropies come
+    from log_softmax (exact, one log fewer than log(p + eps))."""
+    member_dim, class_dim = member_dim % logits.dim(), class_dim % logits.dim()
+    logp = logits.log_softmax(class_dim)
+    p = logp.exp()
+    neg_h_members = (p * logp).sum(class_dim, keepdim=True).mean(member_dim)  # -mean_m H(p_m)
+    mean_p = p.mean(member_dim)
+    c = class_dim - (class_dim > member_dim)  # the class dim once the member dim is reduced
+    h_mean = -(mean_p * mean_p.clamp_min(1e-30).log()).sum(c)
+    return (h_mean + neg_h_members.squeeze(c)).clamp_(min=0.0), mean_p
 
 
 def member_variance(values: torch.Tensor) -> torch.Tensor:

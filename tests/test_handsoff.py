@@ -46,7 +46,7 @@ def test_factorized_first_layer_equals_naive_hypercolumn(G, batch):
     ch, res = [t.shape[1] for t in taps], [t.shape[-1] for t in taps]
     for rows, chunk_px, small_res in ((1, 8, 16), (5, 40, 4), (3, 512, 8), (R, 512, 16)):
         tp = TiledProjection(proj.weight, proj.bias, ch, res, R, tile_rows=rows, chunk_px=chunk_px, small_res=small_res)
-        tiles = [torch.cat([h.clone().view(y1 - y0, R, -1) for y0, y1, h in tp.image(taps, n)]) for n in range(4)]
+        tiles = [torch.cat([h.clone().view(y1 - y0, R, -1) for y0, y1, h in tp.image(tp.layout(taps), n)]) for n in range(4)]
         torch.testing.assert_close(torch.stack(tiles), naive, atol=1e-5, rtol=1e-5)
     # the fitting path (gather the features, then project) is the same function
     ys, xs = _all_pixels(4, R)
@@ -193,6 +193,27 @@ def test_class_balanced_sampling_weights(G, batch):
     _, _, taps = batch
     out = lab.label(GenBatch(ws, img, taps))
     assert (out.label[:, :2, :2] == 1).float().mean() > 0.5  # the rare class is learned, not drowned
+
+
+def test_partial_class_balance_weights():
+    """class_balanced=p weights each labeled pixel by its class frequency^-p: p = 0.5 sits between
+    as-labeled and equal classes; a bad exponent is refused."""
+    from labelfoundry.labelers.base import FitData
+    from labelfoundry.labelers.handsoff import _fit_targets
+
+    masks = torch.zeros(1, 8, 8, dtype=torch.long)
+    masks[0, 0, :4] = 1  # 4 of 64 pixels
+    data = FitData(masks=masks, schema={"class_names": ["a", "b"]})
+    share = {}
+    for p in (False, 0.5, True):
+        _, w, _ = _fit_targets(HandsOffConfig(class_balanced=p), data, 8)
+        share[p] = float(w[0, 0, :4].sum() / w.sum())  # the rare class's share of the draws
+    assert share[False] == pytest.approx(4 / 64)
+    assert share[True] == pytest.approx(0.5)
+    assert share[False] < share[0.5] < share[True]
+    assert share[0.5] == pytest.approx(4 * 4**-0.5 / (4 * 4**-0.5 + 60 * 60**-0.5))
+    with pytest.raises(ValueError, match="class_balanced"):
+        _fit_targets(HandsOffConfig(class_balanced=2.0), data, 8)
 
 
 def test_bf16_labeling_agrees_with_fp32(G, batch):

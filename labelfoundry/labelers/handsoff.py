@@ -24,7 +24,7 @@ from torch import nn
 
 from ..features import FactorizedProjection, TapSpec, TiledProjection, gather_taps, generate_with_taps, pixel_grid
 from ..precision import autocast_dtype
-from ..uncertainty import image_scores, js_divergence, member_variance
+from ..uncertainty import image_scores, js_from_logits, member_variance
 from .base import FitData, GenBatch, LabelBatch, read_labeler, write_labeler
 
 Task = Literal["segmentation", "keypoints", "depth"]
@@ -48,7 +48,9 @@ class HandsOffConfig(BaseModel):
     min_steps: int = 300
     images_per_step: int = 4
     pixels_per_image: int = 2048
-    class_balanced: bool = False
+    class_balanced: bool | float = Field(False, description="labeled pixels drawn with weight frequency^-p per class: "
+                                         "False (p = 0, as labeled), True (p = 1, every class equally often) or p in (0, 1]; "
+                                         "0.5 (inverse square root) lifts thin parts without starving the large ones")
     keypoint_sigma: float = Field(2.0, description="heatmap std in pixels at the generator's resolution")
     tap_layers: tuple[int, ...] | None = None
     tap_max_channels: int | None = None
@@ -125,9 +127,12 @@ def _fit_targets(cfg: HandsOffConfig, data: FitData, R: int) -> tuple[torch.Tens
         bad = (target < 0) | (target >= num_classes)
         if bad.any():
             raise ValueError(f"mask ids outside [0, {num_classes}): {sorted(set(target[bad].long().tolist()))[:10]}")
-        if cfg.class_balanced:
+        power = float(cfg.class_balanced)
+        if not 0.0 <= power <= 1.0:
+            raise ValueError(f"class_balanced must be true/false or an exponent in [0, 1], got {cfg.class_balanced}")
+        if power > 0:
             counts = torch.bincount(target.long().flatten(), minlength=num_classes).float()
-            inv = 1.0 / counts.clamp(min=1.0)
+            inv = counts.clamp(min=1.0).pow(-power)
             weight = inv[target.long().squeeze(1)] * weight
     return target, weight, out
 
@@ -289,7 +294,7 @@ class HandsOffLabeler(nn.Module):
                                tile_rows=max(1, tile_px // R), dtype=dtype)
         head = {
             "w2": w2.transpose(1, 2).to(dtype).contiguous(),  # (M, H1, H2)
-            "b2": ((net.b2 - net.bn2.running_mean.view(M, net.h2)) * s2 + net.bn2.bias.view(M, net.h2)).unsqueeze(1).to(dtype),
+            "b2": ((net.b2 - net.bn2.running_mean.view(M, net.h2)) * s2 + net.bn2.bias.view(M, net.h2)).to(dtype),  # (M, H2)
             # the output affine folded in: labels and their variance come out in label units
             "w3": (net.w3 * scale).to(dtype).contiguous(),  # (M, K, H2)
             "b3": (net.b3 * scale + shift).unsqueeze(-1).to(dtype),  # (M, K, 1)
@@ -312,16 +317,22 @@ class HandsOffLabeler(nn.Module):
         label = torch.empty((n, R, R) if seg else (n, K, R, R), dtype=torch.uint8 if seg else torch.float32, device=dev)
         unc = torch.empty(n, R, R, device=dev)
         proj, w = self._labeling_plan(taps, autocast_dtype(dev))
+        grouped = proj.layout(taps)
+        h2_buf = torch.empty(M, proj.T * R, self.net.h2, device=dev, dtype=proj.dtype)
         for i in range(n):
-            for y0, y1, h in proj.image(taps, i):
-                h = h.relu_().view(-1, M, H1).transpose(0, 1)  # (M, P, H1): a strided view, no copy
-                h = torch.baddbmm(w["b2"], h, w["w2"]).relu_()  # (M, P, H2)
+            for y0, y1, h in proj.image(grouped, i):
+                h = h.relu_()
+                P = h.shape[0]
+                h2 = h2_buf[:, :P]
+                for m in range(M):  # member m's columns are a plain strided GEMM operand (a batched GEMM copies them)
+                    torch.addmm(w["b2"][m], h[:, m * H1 : (m + 1) * H1], w["w2"][m], out=h2_buf[m, :P])
+                h2.relu_()  # (M, P, H2)
                 # (M, K, P): pixels innermost, so softmax and the member/class reductions vectorise
-                out = torch.baddbmm(w["b3"], w["w3"], h.transpose(1, 2)).float()
+                out = torch.baddbmm(w["b3"], w["w3"], h2.transpose(1, 2)).float()
                 if seg:
-                    probs = out.softmax(1)
-                    label[i, y0:y1] = probs.mean(0).argmax(0).view(y1 - y0, R).to(torch.uint8)
-                    unc[i, y0:y1] = js_divergence(probs.permute(2, 0, 1)).view(y1 - y0, R)  # (P, M, K) view
+                    js, mean_p = js_from_logits(out, member_dim=0, class_dim=1)
+                    label[i, y0:y1] = mean_p.max(0).indices.view(y1 - y0, R).to(torch.uint8)  # ~10x faster than argmax(0) here
+                    unc[i, y0:y1] = js.view(y1 - y0, R)
                 else:
                     label[i, :, y0:y1] = out.mean(0).view(K, y1 - y0, R)
                     unc[i, y0:y1] = member_variance(out.permute(2, 0, 1)).view(y1 - y0, R)
