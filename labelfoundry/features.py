@@ -217,41 +217,20 @@ class TiledProjection:
         small = [g.res for g in self.low if g.small]
         self.ax_small = torch.cat([interp_matrix(R, r) for r in small], dim=1).to(device=dev, dtype=dtype) if small else None
 
-    def layout(self, taps: list[torch.Tensor]) -> list[torch.Tensor]:
-        """The taps of a batch regrouped once for `image`: per resolution group (the full one
-        first), its taps concatenated channels-last, (N, r, r, C_g) contiguous in the compute dtype,
-        so every band of rows is a plain row-major GEMM operand (no per-row cat, no transposed
-        operand: oneDNN's bf16 GEMM is ~1.5x slower on one)."""
+    @torch.no_grad()
+    def image(self, taps: list[torch.Tensor], n: int) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """First-layer pre-activations of image n, tile by tile: yields (y0, y1, h) with h
+        ((y1-y0)*R, MH) for output rows [y0, y1). h is a reused buffer: valid until the next tile."""
         got = [(t.shape[1], t.shape[-1]) for t in taps]
         if got != list(zip(self.tap_channels, self.tap_resolutions)):
             raise ValueError(f"taps (channels, resolution) {got} do not match the labeler's "
                              f"{list(zip(self.tap_channels, self.tap_resolutions))}; was it fitted on this generator?")
-        out = []
-        for g in ([self.full] if self.full is not None else []) + self.low:
-            # convert and concatenate channels-first (contiguous, vectorised), then one plain 2-D
-            # transpose per image: ~2x faster than a strided NCHW -> NHWC copy with conversion (measured)
-            x = torch.cat([taps[i].to(self.dtype) for i in g.idx], dim=1) if len(g.idx) > 1 else taps[g.idx[0]].to(self.dtype)
-            n, c = x.shape[:2]
-            buf = torch.empty(n, g.res, g.res, c, device=x.device, dtype=self.dtype)
-            for k in range(n):
-                buf[k].view(-1, c).copy_(x[k].view(c, -1).t())
-            out.append(buf)
-        return out
-
-    @torch.no_grad()
-    def image(self, grouped: list[torch.Tensor], n: int) -> Iterator[tuple[int, int, torch.Tensor]]:
-        """First-layer pre-activations of image n of a batch laid out by `layout`, tile by tile:
-        yields (y0, y1, h) with h ((y1-y0)*R, MH) for output rows [y0, y1). h is a reused buffer:
-        valid until the next tile."""
         R, T, MH, dt = self.R, self.T, self.mh, self.dtype
-        dev = grouped[0].device
-        full_rows = grouped[0][n] if self.full is not None else None
-        low_rows = grouped[1:] if self.full is not None else grouped
-        by_group = {id(g): x[n] for g, x in zip(self.low, low_rows)}
+        dev = taps[0].device
 
-        def rows(g: _Group, a: int, b: int) -> torch.Tensor:  # rows [a, b) of image n: (pixels, C_g), row-major
-            x = full_rows if g is self.full else by_group[id(g)]
-            return x[a:b].reshape(-1, x.shape[-1])
+        def rows(g: _Group, a: int, b: int) -> torch.Tensor:  # rows [a, b) of image n: (pixels, C_g), a transposed view
+            xs = [taps[i][n, :, a:b].reshape(taps[i].shape[1], -1) for i in g.idx]
+            return (torch.cat(xs) if len(xs) > 1 else xs[0]).to(dt).t()
 
         bands = [torch.empty(g.cap, g.res, MH, device=dev, dtype=dt) for g in self.low]
         held = [[0, 0] for _ in self.low]  # per band: first row held, rows held

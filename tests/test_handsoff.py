@@ -46,7 +46,7 @@ def test_factorized_first_layer_equals_naive_hypercolumn(G, batch):
     ch, res = [t.shape[1] for t in taps], [t.shape[-1] for t in taps]
     for rows, chunk_px, small_res in ((1, 8, 16), (5, 40, 4), (3, 512, 8), (R, 512, 16)):
         tp = TiledProjection(proj.weight, proj.bias, ch, res, R, tile_rows=rows, chunk_px=chunk_px, small_res=small_res)
-        tiles = [torch.cat([h.clone().view(y1 - y0, R, -1) for y0, y1, h in tp.image(tp.layout(taps), n)]) for n in range(4)]
+        tiles = [torch.cat([h.clone().view(y1 - y0, R, -1) for y0, y1, h in tp.image(taps, n)]) for n in range(4)]
         torch.testing.assert_close(torch.stack(tiles), naive, atol=1e-5, rtol=1e-5)
     # the fitting path (gather the features, then project) is the same function
     ys, xs = _all_pixels(4, R)

@@ -318,10 +318,9 @@ class HandsOffLabeler(nn.Module):
         label = torch.empty((n, R, R) if seg else (n, K, R, R), dtype=torch.uint8 if seg else torch.float32, device=dev)
         unc = torch.empty(n, R, R, device=dev)
         proj, w = self._labeling_plan(taps, autocast_dtype(dev))
-        grouped = proj.layout(taps)
         h2_buf = torch.empty(M, proj.T * R, self.net.h2, device=dev, dtype=proj.dtype)
         for i in range(n):
-            for y0, y1, h in proj.image(grouped, i):
+            for y0, y1, h in proj.image(taps, i):
                 h = h.relu_()
                 P = h.shape[0]
                 h2 = h2_buf[:, :P]
