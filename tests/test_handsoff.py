@@ -197,7 +197,7 @@ def test_class_balanced_sampling_weights(G, batch):
 
 def test_partial_class_balance_weights():
     """class_balanced=p weights each labeled pixel by its class frequency^-p: p = 0.5 sits between
-    as-labeled and equal classes; a bad exponent is refused."""
+    as-labeled and equal classes; a bad exponent is refused when the config is made, before any fit."""
     from labelfoundry.labelers.base import FitData
     from labelfoundry.labelers.handsoff import _fit_targets
 

@@ -19,7 +19,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
 from ..features import FactorizedProjection, TapSpec, TiledProjection, gather_taps, generate_with_taps, pixel_grid
@@ -59,6 +59,13 @@ class HandsOffConfig(BaseModel):
     tile_pixels: int = Field(1024, description="output pixels per labeling tile on CPU (at least 64k on CUDA): peak "
                              "memory is ~3*M*H1*4 bytes per pixel; ~1k keeps the tile in cache (measured)")
     seed: int = 0
+
+    @field_validator("class_balanced")
+    @classmethod
+    def _balance_exponent(cls, v: bool | float) -> bool | float:
+        if not 0.0 <= float(v) <= 1.0:
+            raise ValueError(f"class_balanced must be true/false or an exponent in [0, 1], got {v}")
+        return v
 
     @property
     def tap_spec(self) -> TapSpec:
@@ -128,9 +135,7 @@ def _fit_targets(cfg: HandsOffConfig, data: FitData, R: int) -> tuple[torch.Tens
         bad = (target < 0) | (target >= num_classes)
         if bad.any():
             raise ValueError(f"mask ids outside [0, {num_classes}): {sorted(set(target[bad].long().tolist()))[:10]}")
-        power = float(cfg.class_balanced)
-        if not 0.0 <= power <= 1.0:
-            raise ValueError(f"class_balanced must be true/false or an exponent in [0, 1], got {cfg.class_balanced}")
+        power = float(cfg.class_balanced)  # checked in [0, 1] by the config
         if power > 0:
             counts = torch.bincount(target.long().flatten(), minlength=num_classes).float()
             inv = counts.clamp(min=1.0).pow(-power)
@@ -325,7 +330,7 @@ class HandsOffLabeler(nn.Module):
                 P = h.shape[0]
                 h2 = h2_buf[:, :P]
                 for m in range(M):  # member m's columns are a plain strided GEMM operand (a batched GEMM copies them)
-                    torch.addmm(w["b2"][m], h[:, m * H1 : (m + 1) * H1], w["w2"][m], out=h2_buf[m, :P])
+                    torch.addmm(w["b2"][m], h[:, m * H1 : (m + 1) * H1], w["w2"][m], out=h2[m])
                 h2.relu_()  # (M, P, H2)
                 # (M, K, P): pixels innermost, so softmax and the member/class reductions vectorise
                 out = torch.baddbmm(w["b3"], w["w3"], h2.transpose(1, 2)).float()
