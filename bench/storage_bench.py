@@ -5,6 +5,9 @@ uncertainty + float32 w (10x64) per sample, random but spatially smooth
 (low-pass filtered noise), written as whole shards of 64 with zstd level 3.
 
     python bench/storage_bench.py [--num-samples 1024] [--path DIR]
+
+Writes go through each shard encoder the store has here (ShardStore.writer: zarr-python, and
+zarrs where installed), alternating shard by shard so both see the same machine load.
 """
 
 from __future__ import annotations
@@ -57,15 +60,32 @@ def dir_size(path: str) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
 
 
-def run(path: str, num_samples: int, spp: int, readback: bool, shards: list) -> dict[str, float]:
-    store = ShardStore.create(
-        path, num_samples=num_samples, image_shape=(H, W), label_shape=(H, W), label_dtype="uint8",
-        schema={"class_names": CLASSES}, samples_per_shard=spp, w_shape=(NUM_WS, W_DIM),
-    )
-    t0 = time.perf_counter()
+def run(path: str, num_samples: int, spp: int, readback: bool, shards: list, writer: str = "auto") -> dict[str, float]:
+    return run_writers({writer: path}, num_samples, spp, readback, shards)[writer]
+
+
+def run_writers(paths: dict[str, str], num_samples: int, spp: int, readback: bool, shards: list) -> dict[str, dict]:
+    """One dataset per writer (name -> path), written shard by shard in turn; seconds per writer."""
+    stores = {}
+    for writer, path in paths.items():
+        stores[writer] = ShardStore.create(
+            path, num_samples=num_samples, image_shape=(H, W), label_shape=(H, W), label_dtype="uint8",
+            schema={"class_names": CLASSES}, samples_per_shard=spp, w_shape=(NUM_WS, W_DIM),
+        )
+        stores[writer].writer = writer
+    seconds = dict.fromkeys(paths, 0.0)
     for index, (samples, rows) in enumerate(shards):
-        store.write_shard(index, samples, rows, verify_readback=readback)
-    return {"seconds": time.perf_counter() - t0, "store": store}
+        for writer, store in stores.items():
+            t0 = time.perf_counter()
+            store.write_shard(index, samples, rows, verify_readback=readback)
+            seconds[writer] += time.perf_counter() - t0
+    return {w: {"seconds": seconds[w], "store": stores[w]} for w in paths}
+
+
+def _zarrs_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("zarrs") is not None
 
 
 def main() -> None:
@@ -85,6 +105,8 @@ def main() -> None:
 
         plain = run(os.path.join(scratch, "no_readback"), n, spp, False, shards)
         checked = run(os.path.join(scratch, "readback"), n, spp, True, shards)
+        writers = ["zarr"] + (["zarrs"] if _zarrs_installed() else [])
+        by_writer = run_writers({w: os.path.join(scratch, f"writer-{w}") for w in writers}, n, spp, True, shards)
         root = os.path.join(scratch, "readback")
         data_bytes = dir_size(os.path.join(root, "data.zarr"))
         manifest_bytes = dir_size(os.path.join(root, "manifest"))
@@ -109,6 +131,8 @@ def main() -> None:
             "content": "low-pass noise (Gaussian, sigma=4 cycles/64px); w broadcast over num_ws",
             "write_samples_per_s": round(n / checked["seconds"], 1),
             "write_samples_per_s_no_readback": round(n / plain["seconds"], 1),
+            "writer": checked["store"].resolved_writer(),
+            "write_samples_per_s_by_writer": {w: round(n / r["seconds"], 1) for w, r in by_writer.items()},
             "bytes_per_1000_samples": round(1000 * (data_bytes + manifest_bytes) / n),
             "data_bytes_per_1000_samples": round(1000 * data_bytes / n),
             "manifest_bytes_per_1000_samples": round(1000 * manifest_bytes / n),

@@ -3,6 +3,7 @@
     python bench/throughput.py                        # 2 workers x 1 torch thread (the demo's runner)
     python bench/throughput.py --workers 1 --torch-threads 2 --batch 64
     python bench/throughput.py --precision fp32       # default: auto (bf16 where the CPU runs it natively)
+    python bench/throughput.py --writer zarr          # commit through zarr-python (default: zarrs where installed)
     python bench/throughput.py --device cuda --workers 1 --batch 64 --n 4096 [--res 256]
 
 Setup: the shipped toy-faces generator (toyfaces-64; at --res other than 64 a randomly initialised
@@ -90,7 +91,7 @@ def bench_generator(res: int, device: torch.device) -> torch.nn.Module:
 
 def measure(n: int, batch: int, workers: int, torch_threads: int, precision: str, samples_per_shard: int,
             out_dir: str, read: bool = True, log=print, device: str = "cpu", res: int = 64,
-            labeler: HandsOffConfig | None = None) -> dict:
+            labeler: HandsOffConfig | None = None, writer: str = "auto") -> dict:
     torch.set_num_threads(torch_threads)
     dev = torch.device(device)
     G = bench_generator(res, dev)
@@ -133,6 +134,8 @@ def measure(n: int, batch: int, workers: int, torch_threads: int, precision: str
         label_shape=(G.resolution, G.resolution), label_dtype="uint8", schema={"class_names": list(CLASSES)},
         samples_per_shard=samples_per_shard, w_shape=(G.num_ws, G.w_dim), provenance={"bench": "throughput"},
     )
+    store.writer = writer
+    out["writer"] = store.resolved_writer()
     wall = run_workers(workers, lambda k: generate_shards(
         G, lab, store, split(list(range(num_shards)), workers)[k], 0, batch=batch, precision=prec, device=dev))
     out["commit_sps"] = round(store.num_samples / wall, 1)
@@ -171,6 +174,7 @@ def main(argv=None) -> int:
     p.add_argument("--res", type=int, default=64, help="64: the shipped model; else a random StyleGAN2 of this size")
     p.add_argument("--members", type=int, default=None, help="labeler ensemble size (default: HandsOffConfig's)")
     p.add_argument("--hidden", default=None, help="labeler hidden widths, e.g. 128,32 (default: HandsOffConfig's)")
+    p.add_argument("--writer", choices=("auto", "zarr", "zarrs"), default="auto", help="the store's shard encoder (ShardStore.writer)")
     a = p.parse_args(argv)
     shape: dict = {}
     if a.members is not None:
@@ -180,7 +184,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="lf-throughput-") as tmp:
         out = measure(a.n, a.batch, a.workers, a.torch_threads, a.precision, a.samples_per_shard, tmp,
                       read=not a.no_read, log=lambda s: print(s, flush=True), device=a.device, res=a.res,
-                      labeler=HandsOffConfig(**shape))
+                      labeler=HandsOffConfig(**shape), writer=a.writer)
     print(json.dumps(out), flush=True)
     return 0
 

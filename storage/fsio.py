@@ -104,6 +104,15 @@ class Root:
     def makedirs(self, relative: str) -> None:
         self.fs.makedirs(self.key(relative), exist_ok=True)
 
+    def publish(self, source: str, relative: str) -> None:
+        """Move the local file ``source`` (under the root) to ``relative`` in one atomic rename:
+        readers see the old file or the new one, never a partial one."""
+        if not self.is_local:
+            raise ValueError(f"publish() renames local files; {self.url} is not local")
+        target = self.key(relative)
+        os.makedirs(posixpath.dirname(target), exist_ok=True)
+        os.replace(self.key(source), target)
+
     def write_atomic(self, relative: str, data: bytes) -> None:
         with self.writing(relative):
             atomic_write(self.fs, self.key(relative), data)

@@ -5,8 +5,8 @@ decode speed. Measured on the demo layout (64², 64 samples per shard,
 ``python bench/read_throughput.py --compare``): a block-shuffled epoch costs
 ~6x less CPU per sample with the zarrs codec pipeline and ~8x less with
 tensorstore than with zarr-python; single samples read ~5-10x faster with
-tensorstore. zarr-python stays the writer and the fallback reader (fsspec
-URLs, nothing extra installed).
+tensorstore. zarr-python stays the fallback reader (fsspec URLs, nothing
+extra installed); the writer's encoder is chosen in ``storage.store``.
 
 - ``zarr``: zarr-python's own codec pipeline (always available).
 - ``zarrs``: zarr-python with the Rust ``zarrs`` codec pipeline (local disk).

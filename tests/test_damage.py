@@ -276,6 +276,25 @@ def test_disk_full_writing_data_names_the_dataset_and_is_permanent(tmp_path, mon
     assert store.committed_shards() == []
 
 
+def test_disk_full_in_the_zarrs_encoder_is_a_disk_full_error(tmp_path):
+    """zarrs reports ENOSPC as text ("... (os error 28)"): it must still become DiskFullError."""
+    pytest.importorskip("zarrs")
+    url = str(tmp_path / "ds")
+    store = _create(url)
+    store.writer = "zarrs"
+    samples, rows = make_samples(store, 1)
+    samples["label"][0] = 1  # no all-zero chunk: this shard goes through zarrs
+
+    class Full:
+        def __setitem__(self, key, value):
+            raise RuntimeError("failed to store chunk: No space left on device (os error 28)")
+
+    store._staged = dict.fromkeys(store._staged_arrays(), Full())
+    with pytest.raises(storage.DiskFullError, match=r"image/c/1/0/0/0.*free space"):
+        store.write_shard(1, samples, rows)
+    assert store.committed_shards() == []
+
+
 def test_disk_full_writing_the_manifest_part_names_the_file(tmp_path, monkeypatch):
     import storage.fsio as fsio
 
@@ -302,6 +321,7 @@ def test_disk_full_in_the_writer_thread_stops_the_task_without_retry(tmp_path, m
         schema={"class_names": ["bg", "a", "b"]}, samples_per_shard=4, w_shape=(G.num_ws, G.w_dim),
     )
     monkeypatch.setattr(LocalStore, "set", _disk_full)
+    monkeypatch.setattr(ShardStore, "writer", "zarr")  # the patched LocalStore is zarr-python's
     calls = {"n": 0}
 
     @task(retries=2, retry_delay_seconds=0, retry_condition_fn=retry_transient)

@@ -1,7 +1,7 @@
 """Tests for storage/: layout, commit protocol, verify, readers, filters, errors.
 
-Every backend-dependent test runs on a local directory and on a unique
-``memory://`` URL (the memory filesystem is process-global).
+Every backend-dependent test runs on a local directory (written by zarrs where it is installed,
+and by zarr-python) and on a unique ``memory://`` URL (the memory filesystem is process-global).
 """
 
 from __future__ import annotations
@@ -40,9 +40,11 @@ CLASSES = ["background", "car", "road sign"]
 RUN_SEED = 1234
 
 
-@pytest.fixture(params=["local", "memory"])
-def url(request, tmp_path):
-    if request.param == "local":
+@pytest.fixture(params=["local", "local-zarr", "memory"])
+def url(request, tmp_path, monkeypatch):
+    if request.param.startswith("local"):
+        if request.param == "local-zarr":  # zarr-python's writer on local disk ("local": zarrs where installed)
+            monkeypatch.setattr(ShardStore, "writer", "zarr")
         yield str(tmp_path / "ds")
         return
     name = f"memory://lf-storage-test-{uuid.uuid4().hex}"
@@ -139,6 +141,59 @@ def test_round_trip(url):
             expected_frac = (samples["label"][j] == 1).mean()
             assert row["frac_car"] == pytest.approx(expected_frac)
     assert verify(url).ok
+
+
+def test_zarrs_writer_stages_and_publishes_shards_atomically(tmp_path):
+    pytest.importorskip("zarrs")
+    import gc
+    import os
+
+    url = str(tmp_path / "ds")
+    store = _create(url)
+    store.writer = "zarrs"
+    written = {}
+    for i in range(store.num_shards):
+        samples, rows = make_samples(store, i)
+        if i < 4:  # shard 4 keeps its all-background label: zarrs would leave that chunk out, zarr-python writes it
+            samples["label"][0] = 1
+        written[i] = samples
+        store.write_shard(i, samples, rows)
+        if i == 0:  # the same data encoded again: the same bytes (one encoder thread, fixed chunk order)
+            again = _create(str(tmp_path / "again"))
+            again.writer = "zarrs"
+            for _ in range(3):
+                again.write_shard(0, samples, rows, overwrite=True)
+                assert shard_bytes(str(tmp_path / "again"), again, "image", 0) == shard_bytes(url, store, "image", 0)
+    staging = [p for p in os.listdir(url) if p.startswith("staging-")]
+    assert len(staging) == 1  # one private copy of the arrays per store object ...
+    left = [f for d, _, fs in os.walk(tmp_path / "ds" / staging[0]) for f in fs if f != "zarr.json"]
+    assert left == []  # ... and every shard file was moved out of it into data.zarr
+    key = tmp_path / "ds" / store.layout.shard_file_key("image", 1)
+    inode = key.stat().st_ino
+    samples = written[1]
+    store.write_shard(1, {**samples, "image": samples["image"][::-1].copy()}, make_samples(store, 1)[1], overwrite=True)
+    assert key.stat().st_ino != inode  # replaced by a rename, never rewritten in place
+    # plain zarr-python (the store's reader) reads what zarrs encoded
+    reopened = ShardStore.open(url)
+    got = [reopened.read_sample(i) for i in store.shard_range(1)]
+    np.testing.assert_array_equal(np.stack([g["label"] for g in got]), samples["label"])
+    np.testing.assert_array_equal(np.stack([g["image"] for g in got]), samples["image"][::-1])
+    assert (reopened.read_sample(store.shard_range(4)[0])["label"] == 0).all()
+    assert verify(url).ok
+    del store
+    gc.collect()
+    assert not [p for p in os.listdir(url) if p.startswith("staging-")]  # removed with the store
+
+
+def test_writer_choice_errors(tmp_path):
+    store = _create(f"memory://lf-storage-test-{uuid.uuid4().hex}")
+    assert store.resolved_writer() == "zarr"  # fsspec URLs: zarr-python only
+    store.writer = "zarrs"
+    with pytest.raises(ValueError, match="local dataset"):
+        store.write_shard(0, *make_samples(store, 0))
+    store.writer = "fast"
+    with pytest.raises(ValueError, match="one of"):
+        store.resolved_writer()
 
 
 def test_float16_heatmap_labels_round_trip(tmp_path):
