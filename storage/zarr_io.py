@@ -6,6 +6,9 @@ Only public zarr v3 API is used (``zarr.create_array``, ``zarr.open_group``,
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 import zarr
@@ -13,6 +16,20 @@ from zarr.codecs import BloscCodec, ZstdCodec
 
 from .fsio import Root
 from .layout import DATA_DIR, FORMAT_VERSION, Layout
+
+# zarr's config is process-wide, and zarr builds an array's codec pipeline from it when the array
+# is opened. Opening arrays under a temporary setting (`_zarr_settings`) while another thread opens
+# its own would hand that thread the setting, and two overlapping settings can restore each
+# other's values and leave one in place for good: every open and create holds this lock.
+_CONFIG_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def _zarr_settings(settings: dict[str, Any] | None = None) -> Iterator[None]:
+    """Hold the config lock, with ``settings`` applied (none: just the lock)."""
+    with _CONFIG_LOCK, (zarr.config.set(settings) if settings else contextlib.nullcontext()):
+        yield
+
 
 def zarr_store(root: Root, relative: str, read_only: bool) -> Any:
     """A zarr v3 store rooted at ``relative`` (LocalStore on disk, FsspecStore otherwise)."""
@@ -65,6 +82,11 @@ def create_arrays(root: Root, layout: Layout) -> None:
     Overwrites existing array metadata; only called before ``dataset.json``
     exists, i.e. before any shard can have been committed.
     """
+    with _zarr_settings():
+        _create_arrays(root, layout)
+
+
+def _create_arrays(root: Root, layout: Layout) -> None:
     store = zarr_store(root, DATA_DIR, read_only=False)
     zarr.create_group(store, overwrite=True, attributes={"labelfoundry_format_version": FORMAT_VERSION})
     compressors = make_compressors(layout.compression["name"], layout.compression["level"])
@@ -93,6 +115,11 @@ def open_arrays(root: Root, layout: Layout, *, writable: bool) -> dict[str, Any]
     ``read_missing_chunks=False`` where zarr supports it (the reader also
     checks shard files itself, see ``sample_reader``).
     """
+    with _zarr_settings():
+        return _open_arrays(root, layout, writable)
+
+
+def _open_arrays(root: Root, layout: Layout, writable: bool) -> dict[str, Any]:
     store = zarr_store(root, DATA_DIR, read_only=not writable)
     group = zarr.open_group(store, mode="r+" if writable else "r")
     config: dict[str, Any] = dict(_WRITE_CONFIG) if writable else {}
@@ -134,8 +161,8 @@ def open_arrays_with_pipeline(root: Root, layout: Layout, codec_pipeline: str) -
     so the pipeline is set only while opening: the arrays keep it, and every
     other array in the process (writers included) keeps zarr's default.
     """
-    with zarr.config.set({"codec_pipeline.path": codec_pipeline}):
-        return open_arrays(root, layout, writable=False)
+    with _zarr_settings({"codec_pipeline.path": codec_pipeline}):
+        return _open_arrays(root, layout, writable=False)
 
 
 def open_staging_arrays(root: Root, layout: Layout, staging: str) -> dict[str, Any]:
@@ -151,6 +178,6 @@ def open_staging_arrays(root: Root, layout: Layout, staging: str) -> dict[str, A
         root.write_atomic(f"{staging}/{relative}", root.read_bytes(f"{DATA_DIR}/{relative}"))
     # zarrs takes these from the global config when its pipeline is built; one thread: chunks land in the
     # shard file in a fixed order (more threads interleave them by timing: the same data, other bytes)
-    with zarr.config.set({"codec_pipeline.path": ZARRS_PIPELINE, "array.write_empty_chunks": True, "threading.max_workers": 1}):
+    with _zarr_settings({"codec_pipeline.path": ZARRS_PIPELINE, "array.write_empty_chunks": True, "threading.max_workers": 1}):
         group = zarr.open_group(zarr_store(root, staging, read_only=False), mode="r+")
         return {name: group[name].with_config(dict(_WRITE_CONFIG)) for name in layout.arrays}

@@ -185,6 +185,42 @@ def test_zarrs_writer_stages_and_publishes_shards_atomically(tmp_path):
     assert not [p for p in os.listdir(url) if p.startswith("staging-")]  # removed with the store
 
 
+def test_threads_writing_with_zarrs_leave_zarrs_config_alone(tmp_path):
+    """zarr's config is process-wide: stores opening zarrs staging arrays and plain readers on many
+    threads at once must neither hand each other their settings nor leave one behind."""
+    pytest.importorskip("zarrs")
+    import threading
+
+    import zarr
+
+    before = (zarr.config.get("codec_pipeline.path"), zarr.config.get("array.write_empty_chunks"),
+              zarr.config.get("threading.max_workers"))
+    errors = []
+
+    def body(k: int) -> None:
+        try:
+            for r in range(3):
+                url = str(tmp_path / f"ds-{k}-{r}")
+                store = _create(url)
+                write_all(store)  # shards with and without all-zero samples: both encoders
+                samples, rows = make_samples(store, 1)
+                samples["label"][0] = 1
+                store.write_shard(1, samples, rows, overwrite=True)
+                assert verify(url).ok
+        except BaseException as e:  # noqa: BLE001 - re-raised in the test's thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=body, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
+    after = (zarr.config.get("codec_pipeline.path"), zarr.config.get("array.write_empty_chunks"),
+             zarr.config.get("threading.max_workers"))
+    assert after == before
+
+
 def test_writer_choice_errors(tmp_path):
     store = _create(f"memory://lf-storage-test-{uuid.uuid4().hex}")
     assert store.resolved_writer() == "zarr"  # fsspec URLs: zarr-python only
