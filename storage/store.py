@@ -63,6 +63,8 @@ log = logging.getLogger(__name__)
 
 _MODES = ("r", "r+", "a")
 WRITERS = ("auto", "zarr", "zarrs")
+# zarrs' private staging directories under the dataset root: <prefix><host>-<pid>-<random>
+STAGING_PREFIX = "staging-"
 # Lock file of dataset creation, under the dataset root (no leading '.': temp files have that).
 CREATE_LOCK = "dataset.lock"
 
@@ -329,12 +331,28 @@ class ShardStore:
         """zarrs-encoded arrays in a staging directory private to this store object (threads and
         processes writing one dataset never share one), removed with the object."""
         if self._staged is None:
-            staging = f"staging-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            self._remove_stale_staging()
+            staging = f"{STAGING_PREFIX}{platform.node()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             weakref.finalize(self, shutil.rmtree, self._root.key(staging), True)
             mark_started("zarrs")
             self._staged = open_staging_arrays(self._root, self._layout, staging)
             self._staging = staging
         return self._staged
+
+    def _remove_stale_staging(self) -> None:
+        """Delete staging directories left by processes of this host that died before cleaning up
+        (a kill -9); those of live processes, and of other hosts, are left alone."""
+        host = platform.node()
+        for name in os.listdir(self._root.key("")):
+            if not name.startswith(f"{STAGING_PREFIX}{host}-"):
+                continue
+            try:
+                pid = int(name[len(STAGING_PREFIX) + len(host) + 1 :].split("-")[0])
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                shutil.rmtree(self._root.key(name), ignore_errors=True)
+            except (ValueError, PermissionError):  # not our naming, or a live process of another user
+                continue
 
     def _readback(self, index: int, checksums: list[str], fast: bool = False) -> None:
         """Decode the shard from disk and compare checksums; zarrs-written shards are read back

@@ -148,9 +148,15 @@ def test_zarrs_writer_stages_and_publishes_shards_atomically(tmp_path):
     import gc
     import os
 
+    import platform
+
     url = str(tmp_path / "ds")
     store = _create(url)
     store.writer = "zarrs"
+    dead = tmp_path / "ds" / f"staging-{platform.node()}-999999999-deadbeef"  # left by a killed process
+    live = tmp_path / "ds" / f"staging-{platform.node()}-1-0123abcd"  # pid 1 is alive: kept
+    for d in (dead, live):
+        (d / "image" / "c").mkdir(parents=True)
     written = {}
     for i in range(store.num_shards):
         samples, rows = make_samples(store, i)
@@ -164,6 +170,8 @@ def test_zarrs_writer_stages_and_publishes_shards_atomically(tmp_path):
             for _ in range(3):
                 again.write_shard(0, samples, rows, overwrite=True)
                 assert shard_bytes(str(tmp_path / "again"), again, "image", 0) == shard_bytes(url, store, "image", 0)
+    assert not dead.exists() and live.exists()
+    live.rename(tmp_path / "kept")
     staging = [p for p in os.listdir(url) if p.startswith("staging-")]
     assert len(staging) == 1  # one private copy of the arrays per store object ...
     left = [f for d, _, fs in os.walk(tmp_path / "ds" / staging[0]) for f in fs if f != "zarr.json"]
