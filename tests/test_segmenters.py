@@ -165,6 +165,22 @@ def test_checkpoint_resume_is_exact(tmp_path):
     assert torch.equal(sa["rng"]["aug"], sb["rng"]["aug"])
 
 
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_memory_format_is_the_configured_one_and_learns(tmp_path, channels_last):
+    data = SquareDataset(8)
+    model = _tiny(num_classes=2)
+    cfg = TrainConfig(batch_size=4, max_steps=6, checkpoint_every=100, lr=1e-2, channels_last=channels_last)
+    res = train_segmenter(model, data, cfg, task="segmentation", out_dir=tmp_path, device="cpu")
+    convs = [p for p in model.parameters() if p.dim() == 4 and p.shape[-1] > 1]
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    assert convs and all(p.is_contiguous(memory_format=fmt) for p in convs)
+    assert res.losses[-1] < res.losses[0]
+    reloaded = _tiny(num_classes=2)  # a checkpoint loads into a fresh (contiguous) model either way
+    reloaded.load_state_dict(load_checkpoint(latest_checkpoint(tmp_path))["model"])
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(reloaded.eval()(x), model.eval()(x), rtol=1e-4, atol=1e-5)
+
+
 def test_finetune_is_a_second_call(tmp_path):
     model = _tiny(num_classes=2)
     cfg = TrainConfig(batch_size=4, max_steps=2, checkpoint_every=100)
