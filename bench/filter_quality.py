@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 import storage  # noqa: E402
 from labelfoundry.config import DownstreamSection  # noqa: E402
 from labelfoundry.evaluation import predict, toyfaces_split, train_and_evaluate  # noqa: E402
+from labelfoundry.filtering import uncertainty_flags  # noqa: E402
 from labelfoundry.segmenters import SegmenterConfig, TrainConfig, build_segmenter  # noqa: E402
 from labelfoundry.segmenters.checkpoint import latest_checkpoint, load_checkpoint  # noqa: E402
 from labelfoundry.segmenters.metrics import segmentation_iou  # noqa: E402
@@ -43,7 +44,8 @@ def oracle_model(cache: Path, steps: int, classes: int, resolution: int, threads
     """The oracle segmenter, trained once into `cache` (resumable) with the downstream defaults."""
     ds = DownstreamSection()
     out = cache / f"oracle-{steps}"
-    if latest_checkpoint(out) is None or load_checkpoint(latest_checkpoint(out))["step"] < steps:
+    ckpt = latest_checkpoint(out)
+    if ckpt is None or load_checkpoint(ckpt)["step"] < steps:
         torch.set_num_threads(threads)
         train = toyfaces_split("train", ds.oracle_images, resolution, offset=500_000)
         test = toyfaces_split("test", 1000, resolution)
@@ -101,10 +103,9 @@ def main(argv=None) -> int:
         out["spearman_vs_disagreement"][name] = round(spearman(s, disagree), 3)
         out["spearman_vs_fg_area"][name] = round(spearman(s, area), 3)
         row = {}
+        frame = pd.DataFrame({"sample_id": ids, name: s})
         for q in (float(x) for x in a.fractions.split(",")):
-            order = np.lexsort((ids, -s))  # most uncertain first, ties by sample id (the filter's rule)
-            keep = np.ones(n, bool)
-            keep[order[: int(np.floor(round(q * n, 9)))]] = False
+            keep = ~uncertainty_flags(frame, q, score=name).to_numpy()  # the filter stage's own rule
             row[str(q)] = round(agreement(keep), 4)
         out["kept_miou"][name] = row
         print(f"# {name:12s} r(disagree) {out['spearman_vs_disagreement'][name]:+.3f}  r(fg area) "

@@ -25,6 +25,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from storage import ShardStore, shard_seed, verify  # noqa: E402
+from storage.read_backends import installed  # noqa: E402
 
 H = W = 64
 NUM_WS, W_DIM = 10, 64
@@ -82,12 +83,6 @@ def run_writers(paths: dict[str, str], num_samples: int, spp: int, readback: boo
     return {w: {"seconds": seconds[w], "store": stores[w]} for w in paths}
 
 
-def _zarrs_installed() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("zarrs") is not None
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num-samples", type=int, default=1024)
@@ -105,7 +100,7 @@ def main() -> None:
 
         plain = run(os.path.join(scratch, "no_readback"), n, spp, False, shards)
         checked = run(os.path.join(scratch, "readback"), n, spp, True, shards)
-        writers = ["zarr"] + (["zarrs"] if _zarrs_installed() else [])
+        writers = ["zarr"] + (["zarrs"] if installed("zarrs") else [])
         by_writer = run_writers({w: os.path.join(scratch, f"writer-{w}") for w in writers}, n, spp, True, shards)
         root = os.path.join(scratch, "readback")
         data_bytes = dir_size(os.path.join(root, "data.zarr"))

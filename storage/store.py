@@ -26,8 +26,8 @@ starting the same dataset at once create it exactly once.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
-import errno
 import json
 import logging
 import os
@@ -57,7 +57,7 @@ from .layout import DATA_DIR, DATASET_JSON, MANIFEST_DIR, Layout, build_layout, 
 from .sample_reader import SampleReader
 from .read_backends import fork_safe, installed, mark_started
 from .shard_index import shard_file_problem
-from .zarr_io import create_arrays, open_arrays, open_staging_arrays, versions
+from .zarr_io import create_arrays, open_arrays, open_staging_arrays, versions, zarrs_disk_full_as_oserror
 
 log = logging.getLogger(__name__)
 
@@ -279,18 +279,10 @@ class ShardStore:
                 self.writer, fast = "zarr", False
         for name, data in arrays.items():
             key = self._layout.shard_file_key(name, index)
-            with self._root.writing(key):
-                if not fast:
-                    target[name][rng.start : rng.stop] = data  # one whole-shard write per array
-                    continue
-                try:
-                    target[name][rng.start : rng.stop] = data
-                except Exception as exc:
-                    if "os error 28" in str(exc) or "No space left" in str(exc):  # zarrs' ENOSPC, as text
-                        raise OSError(errno.ENOSPC, str(exc)) from exc
-                    raise
-                # zarrs wrote it in place, in the private staging copy: publish it by a rename
-                self._root.publish(self._staging + key[len(DATA_DIR):], key)
+            with self._root.writing(key), (zarrs_disk_full_as_oserror() if fast else contextlib.nullcontext()):
+                target[name][rng.start : rng.stop] = data  # one whole-shard write per array
+                if fast:  # zarrs wrote it in place, in the private staging copy: publish it by a rename
+                    self._root.publish(self._staging + key[len(DATA_DIR):], key)
 
         if verify_readback:
             self._readback(index, checksums, fast)

@@ -7,6 +7,7 @@ Only public zarr v3 API is used (``zarr.create_array``, ``zarr.open_group``,
 from __future__ import annotations
 
 import contextlib
+import errno
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -119,8 +120,8 @@ def open_arrays(root: Root, layout: Layout, *, writable: bool) -> dict[str, Any]
         return _open_arrays(root, layout, writable)
 
 
-def _open_arrays(root: Root, layout: Layout, writable: bool) -> dict[str, Any]:
-    store = zarr_store(root, DATA_DIR, read_only=not writable)
+def _open_arrays(root: Root, layout: Layout, writable: bool, relative: str = DATA_DIR) -> dict[str, Any]:
+    store = zarr_store(root, relative, read_only=not writable)
     group = zarr.open_group(store, mode="r+" if writable else "r")
     config: dict[str, Any] = dict(_WRITE_CONFIG) if writable else {}
     if not writable and supports_read_missing_chunks():
@@ -131,7 +132,7 @@ def _open_arrays(root: Root, layout: Layout, writable: bool) -> dict[str, Any]:
             array = group[name]
         except KeyError as exc:
             raise FileNotFoundError(
-                f"{root.describe(DATA_DIR + '/' + name)} is missing although dataset.json lists it; "
+                f"{root.describe(relative + '/' + name)} is missing although dataset.json lists it; "
                 "the dataset is damaged: regenerate it"
             ) from exc
         arrays[name] = array.with_config(config) if config else array
@@ -179,5 +180,18 @@ def open_staging_arrays(root: Root, layout: Layout, staging: str) -> dict[str, A
     # zarrs takes these from the global config when its pipeline is built; one thread: chunks land in the
     # shard file in a fixed order (more threads interleave them by timing: the same data, other bytes)
     with _zarr_settings({"codec_pipeline.path": ZARRS_PIPELINE, "array.write_empty_chunks": True, "threading.max_workers": 1}):
-        group = zarr.open_group(zarr_store(root, staging, read_only=False), mode="r+")
-        return {name: group[name].with_config(dict(_WRITE_CONFIG)) for name in layout.arrays}
+        return _open_arrays(root, layout, writable=True, relative=staging)
+
+
+@contextlib.contextmanager
+def zarrs_disk_full_as_oserror() -> Iterator[None]:
+    """zarrs reports a full disk as text ("... (os error 28)"), not as an OSError: re-raise it as one,
+    so `Root.writing` turns it into the DiskFullError that names the dataset and the fix."""
+    try:
+        yield
+    except OSError:
+        raise
+    except Exception as exc:
+        if "os error 28" in str(exc) or "No space left" in str(exc):
+            raise OSError(errno.ENOSPC, str(exc)) from exc
+        raise
