@@ -69,6 +69,8 @@ def main(argv=None) -> int:
     p.add_argument("--cache", default="runs/filter-quality", help="where the oracle is trained once")
     p.add_argument("--oracle-steps", type=int, default=1000)
     p.add_argument("--fractions", default="0.05,0.1,0.2")
+    p.add_argument("--pixel-fractions", default="0.02,0.05,0.1,0.2",
+                   help="per-pixel cuts: the dataset's most uncertain pixels ignored (fractions of all pixels)")
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -110,8 +112,31 @@ def main(argv=None) -> int:
         out["kept_miou"][name] = row
         print(f"# {name:12s} r(disagree) {out['spearman_vs_disagreement'][name]:+.3f}  r(fg area) "
               f"{out['spearman_vs_fg_area'][name]:+.3f}  kept mIoU " + "  ".join(f"q={q}: {v:.4f}" for q, v in row.items()))
+    out["pixels"] = pixel_cuts(labels_t, ref_t, torch.from_numpy(unc), classes, [float(x) for x in a.pixel_fractions.split(",")])
     print(json.dumps(out))
     return 0
+
+
+def pixel_cuts(labels: torch.Tensor, ref: torch.Tensor, unc: torch.Tensor, classes: int, fractions: list[float]) -> dict:
+    """Per-pixel quality gate: ignore the dataset's most uncertain pixels (one JS threshold for all
+    images) and score the rest against the reference. Also how much of each labelled class the cut
+    removes: a gate that erases the small parts teaches a segmenter to never predict them."""
+    flat = unc.flatten()
+    base = segmentation_iou(labels, ref, classes)
+    res = {"0": {"threshold": None, "kept_miou": round(base[0], 4), "per_class_iou": [round(v, 3) for v in base[1]]}}
+    label_counts = torch.bincount(labels.flatten().long(), minlength=classes).double()
+    for q in fractions:
+        k = max(1, int(round(q * flat.numel())))
+        thr = float(flat.kthvalue(flat.numel() - k + 1).values)  # the k-th largest JS
+        dropped = unc >= thr
+        masked = torch.where(dropped, torch.full_like(ref, 255), ref)
+        miou, per = segmentation_iou(labels, masked, classes)
+        lost = torch.bincount(labels[dropped].long(), minlength=classes).double() / label_counts.clamp_min(1)
+        res[str(q)] = {"threshold": round(thr, 5), "kept_miou": round(miou, 4), "per_class_iou": [round(v, 3) for v in per],
+                       "class_pixels_dropped": [round(v, 3) for v in lost.tolist()]}
+        print(f"# pixels: drop top {q:.0%} (JS >= {thr:.4f}): kept mIoU {miou:.4f}; share of each labelled class "
+              "dropped " + " ".join(f"{v:.2f}" for v in lost.tolist()))
+    return res
 
 
 if __name__ == "__main__":

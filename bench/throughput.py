@@ -4,6 +4,7 @@
     python bench/throughput.py --workers 1 --torch-threads 2 --batch 64
     python bench/throughput.py --precision fp32       # default: auto (bf16 where the CPU runs it natively)
     python bench/throughput.py --writer zarr          # commit through zarr-python (default: zarrs where installed)
+    python bench/throughput.py --compile              # label with the torch.compile'd pass (compiled in the warm-up)
     python bench/throughput.py --device cuda --workers 1 --batch 64 --n 4096 [--res 256]
 
 Setup: the shipped toy-faces generator (toyfaces-64; at --res other than 64 a randomly initialised
@@ -51,6 +52,7 @@ from labelfoundry.generation import generate_samples, generate_shards, sample_se
 from labelfoundry.generators import load_generator  # noqa: E402
 from labelfoundry.generators.stylegan2 import Generator, StyleGAN2Config  # noqa: E402
 from labelfoundry.labelers.handsoff import HandsOffConfig, HandsOffLabeler  # noqa: E402
+from labelfoundry.labelers.handsoff_compiled import COMPILED  # noqa: E402
 from labelfoundry.precision import resolve_precision  # noqa: E402
 
 TARGETS = {"label_over_gen_min": 0.5, "commit_sps_min": 50.0, "read_sps_shuffled_min": 5000.0}
@@ -91,7 +93,7 @@ def bench_generator(res: int, device: torch.device) -> torch.nn.Module:
 
 def measure(n: int, batch: int, workers: int, torch_threads: int, precision: str, samples_per_shard: int,
             out_dir: str, read: bool = True, log=print, device: str = "cpu", res: int = 64,
-            labeler: HandsOffConfig | None = None, writer: str = "auto") -> dict:
+            labeler: HandsOffConfig | None = None, writer: str = "auto", compile_labels: bool = False) -> dict:
     torch.set_num_threads(torch_threads)
     dev = torch.device(device)
     G = bench_generator(res, dev)
@@ -115,12 +117,12 @@ def measure(n: int, batch: int, workers: int, torch_threads: int, precision: str
         sync()
 
     def label(ids: list[int]) -> None:
-        generate_samples(G, lab, ids, 0, batch=batch, precision=prec, device=dev)
+        generate_samples(G, lab, ids, 0, batch=batch, precision=prec, device=dev, compile_labels=compile_labels)
 
     ids = list(range(n))
     out: dict = {"device": str(dev), "res": G.resolution, "n": n, "batch": batch, "workers": workers, "torch_threads": torch_threads,
                  "threads": workers * torch_threads, "precision": prec, "samples_per_shard": samples_per_shard,
-                 "labeler": {"members": cfg.members, "hidden": list(cfg.hidden)}}
+                 "labeler": {"members": cfg.members, "hidden": list(cfg.hidden)}, "compile": compile_labels}
     for name, fn in (("gen_sps", gen_only), ("label_sps", label)):
         run_workers(workers, lambda k: fn(list(range(batch))))  # warm-up: one batch per worker
         wall = run_workers(workers, lambda k, fn=fn: fn(split(ids, workers)[k]))
@@ -137,7 +139,8 @@ def measure(n: int, batch: int, workers: int, torch_threads: int, precision: str
     store.writer = writer
     out["writer"] = store.resolved_writer()
     wall = run_workers(workers, lambda k: generate_shards(
-        G, lab, store, split(list(range(num_shards)), workers)[k], 0, batch=batch, precision=prec, device=dev))
+        G, lab, store, split(list(range(num_shards)), workers)[k], 0, batch=batch, precision=prec, device=dev,
+        compile_labels=compile_labels))
     out["commit_sps"] = round(store.num_samples / wall, 1)
     log(f"# commit_sps {out['commit_sps']:8.1f} samples/s ({store.num_samples} samples, {wall:.1f} s)")
     out["read_sps_shuffled"] = out["read_sps_random"] = None
@@ -150,6 +153,8 @@ def measure(n: int, batch: int, workers: int, torch_threads: int, precision: str
         r = mod.read_throughput(path)
         out["read_sps_shuffled"], out["read_sps_random"] = r.get("read_sps_shuffled"), r.get("read_sps_random")
         log(f"# read       shuffled {out['read_sps_shuffled']} random {out['read_sps_random']} samples/s")
+    if compile_labels:  # where compilation failed, the labels came from the eager path: say so
+        out["compile_failed"] = COMPILED.failed
     out["label_over_gen"] = round(out["label_sps"] / out["gen_sps"], 3)
     out["targets"] = TARGETS
     out["targets_met"] = {
@@ -174,6 +179,7 @@ def main(argv=None) -> int:
     p.add_argument("--res", type=int, default=64, help="64: the shipped model; else a random StyleGAN2 of this size")
     p.add_argument("--members", type=int, default=None, help="labeler ensemble size (default: HandsOffConfig's)")
     p.add_argument("--hidden", default=None, help="labeler hidden widths, e.g. 128,32 (default: HandsOffConfig's)")
+    p.add_argument("--compile", action="store_true", help="label with the compiled pass (GenerateSection.compile)")
     p.add_argument("--writer", choices=("auto", "zarr", "zarrs"), default="auto", help="the store's shard encoder (ShardStore.writer)")
     a = p.parse_args(argv)
     shape: dict = {}
@@ -184,7 +190,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="lf-throughput-") as tmp:
         out = measure(a.n, a.batch, a.workers, a.torch_threads, a.precision, a.samples_per_shard, tmp,
                       read=not a.no_read, log=lambda s: print(s, flush=True), device=a.device, res=a.res,
-                      labeler=HandsOffConfig(**shape), writer=a.writer)
+                      labeler=HandsOffConfig(**shape), writer=a.writer, compile_labels=a.compile)
     print(json.dumps(out), flush=True)
     return 0
 

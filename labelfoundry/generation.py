@@ -41,6 +41,7 @@ def generate_samples(
     store_w: bool = True,
     device: str | torch.device = "cpu",
     precision: str = "fp32",
+    compile_labels: bool = False,
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Generate and label `sample_ids`. Returns (arrays for the store, per-sample manifest columns).
 
@@ -49,6 +50,7 @@ def generate_samples(
     batch and every labeler reads its taps from that one pass.
     precision: "fp32", "bf16" or "auto" (bf16 where the device runs it natively): the generator
     and the labelers run under the same autocast; latents, softmax and uncertainty stay fp32.
+    compile_labels: labelers that can (`can_compile`) label with their torch.compile'd pass.
 
     arrays: image uint8 (n,R,R,3); label uint8 (n,R,R) or float16 (n,K,R,R); uncertainty float16
     (n,R,R); per extra label array `<name>` float16 (n,K,R,R) and `uncertainty_<name>`; w float32
@@ -70,7 +72,8 @@ def generate_samples(
         rejected = torch.zeros(len(ws), dtype=torch.bool)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
             image, taps = generate_with_taps(G, ws, every_tap)  # one synthesis pass for every labeler
-            outs = {name: lab.label(GenBatch(ws, image, lab.tap_spec.select(taps, image), G=G, z=z))
+            outs = {name: lab.label(GenBatch(ws, image, lab.tap_spec.select(taps, image), G=G, z=z),
+                                    **({"compiled": True} if compile_labels and getattr(lab, "can_compile", False) else {}))
                     for name, lab in labelers.items()}
         for name, out in outs.items():
             lab = out.label.cpu().numpy()
@@ -110,6 +113,7 @@ def generate_shards(
     store_w: bool = True,
     device: str | torch.device = "cpu",
     precision: str = "fp32",
+    compile_labels: bool = False,
     on_commit: Callable[[int, int], None] | None = None,
 ) -> list[int]:
     """Generate, label and commit whole shards, in order. A writer thread commits shard k
@@ -132,7 +136,7 @@ def generate_shards(
         for idx in shard_indices:
             arrays, cols = generate_samples(
                 G, labeler, list(store.shard_range(idx)), run_seed,
-                psi=psi, batch=batch, store_w=store_w, device=device, precision=precision,
+                psi=psi, batch=batch, store_w=store_w, device=device, precision=precision, compile_labels=compile_labels,
             )
             wait()
             pending = (idx, writer.submit(store.write_shard, idx, arrays, cols))

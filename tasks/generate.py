@@ -79,6 +79,7 @@ def generate_shards_task(
         generate_shards(
             G, lab, store, [i for i in shard_indices if i not in committed], run_seed,
             psi=gen.psi, batch=gen.batch, store_w=gen.store_w, device=device, precision=gen.precision,
+            compile_labels=gen.compile_labels,
             on_commit=lambda idx, n: log.info("committed shard %d (%d samples)", idx, n),
         )
     return shard_indices

@@ -1,0 +1,76 @@
+"""The torch.compile'd labeling pass (labelers/handsoff_compiled.py) against the eager tiled one."""
+
+import pytest
+import torch
+
+from labelfoundry.config import COMPILE_FROM_SAMPLES, GenerateSection
+from labelfoundry.features import TapSpec, generate_with_taps
+from labelfoundry.labelers import FitData, GenBatch
+from labelfoundry.labelers import handsoff as handsoff_mod
+from labelfoundry.labelers.handsoff import HandsOffConfig, HandsOffLabeler
+from labelfoundry.labelers.handsoff_compiled import CompiledLabeling
+from tests.conftest import fit_data
+
+
+@pytest.fixture(scope="module")
+def batch(G32):
+    torch.manual_seed(3)
+    ws = G32.mapping(torch.randn(3, G32.z_dim))
+    img, taps = generate_with_taps(G32, ws, TapSpec())
+    return GenBatch(ws, img, taps)
+
+
+def _masks(img):  # three classes from the image's own colours: learnable from the taps
+    g = img.mean(1)
+    return (g > -0.2).long() + (g > 0.3).long()
+
+
+def test_compiled_labels_match_the_tiled_path(G32, batch):
+    """Segmentation and depth: the same classes and JS / mean and variance as the eager tiled pass
+    (float rounding only), whichever path ran. Skipped where this machine cannot compile."""
+    seg = HandsOffLabeler.fit(G32, fit_data(_masks(batch.image), 3, latents=batch.ws),
+                              HandsOffConfig(members=3, hidden=(16, 8), min_steps=60, pixels_per_image=256, tile_pixels=200))
+    depth = HandsOffLabeler.fit(G32, FitData(depth=batch.image[:, 0].detach() + 5.0, latents=batch.ws),
+                                HandsOffConfig(task="depth", members=2, hidden=(8, 4), min_steps=30, pixels_per_image=128))
+    for lab in (seg, depth):
+        eager = lab.label(batch)
+        compiled = lab.label(batch, compiled=True)
+        if handsoff_mod.COMPILED.failed is not None:
+            pytest.skip(f"torch.compile unavailable here: {handsoff_mod.COMPILED.failed}")
+        if lab is seg:
+            assert (compiled.label == eager.label).float().mean() >= 0.999
+            assert eager.uncertainty.max() > 0.01  # the members disagree somewhere: the JS check is not vacuous
+        else:
+            torch.testing.assert_close(compiled.label, eager.label, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(compiled.uncertainty, eager.uncertainty, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(compiled.score, eager.score, atol=1e-3, rtol=1e-4)
+    assert len(handsoff_mod.COMPILED._warm) >= 2  # both graphs ran compiled, not the eager fallback
+
+
+def test_a_failed_compilation_warns_once_and_labels_eagerly(G32, batch, monkeypatch):
+    lab = HandsOffLabeler.fit(G32, fit_data(_masks(batch.image), 3, latents=batch.ws),
+                              HandsOffConfig(members=2, hidden=(8, 4), min_steps=5, pixels_per_image=64))
+    fresh = CompiledLabeling()
+    monkeypatch.setattr(handsoff_mod, "COMPILED", fresh)
+
+    def no_compiler(*a, **k):
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    eager = lab.label(batch)
+    with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler"):
+        out = lab.label(batch, compiled=True)
+    assert fresh.failed is not None and "no C++ compiler" in fresh.failed
+    assert torch.equal(out.label, eager.label) and torch.equal(out.uncertainty, eager.uncertainty)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning, no second attempt
+        assert torch.equal(lab.label(batch, compiled=True).label, eager.label)
+
+
+def test_compile_auto_turns_on_for_long_runs_only():
+    assert not GenerateSection(num_samples=2000).compile_labels
+    assert GenerateSection(num_samples=COMPILE_FROM_SAMPLES).compile_labels
+    assert GenerateSection(num_samples=10, compile="on").compile_labels
+    assert not GenerateSection(num_samples=1_000_000, compile="off").compile_labels
