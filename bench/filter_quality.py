@@ -14,6 +14,8 @@ Scores (higher = dropped first):
   score_top10  the stored mean over the image's 10% most uncertain pixels
   js_fg_mean   the mean JS over the pixels the label calls foreground (area-normalised)
   reference    the image's own disagreement with the oracle (an upper bound no filter can see)
+Then per-pixel gates (`--pixel-fractions`): the most uncertain pixels ignored, over the whole dataset
+or per labelled class (see `pixel_cuts`), with the kept pixels' mIoU and each class's share dropped.
 The last line of stdout is one JSON object.
 """
 
@@ -118,24 +120,36 @@ def main(argv=None) -> int:
 
 
 def pixel_cuts(labels: torch.Tensor, ref: torch.Tensor, unc: torch.Tensor, classes: int, fractions: list[float]) -> dict:
-    """Per-pixel quality gate: ignore the dataset's most uncertain pixels (one JS threshold for all
-    images) and score the rest against the reference. Also how much of each labelled class the cut
-    removes: a gate that erases the small parts teaches a segmenter to never predict them."""
-    flat = unc.flatten()
+    """Per-pixel quality gates, each pixel ignored or kept, the kept ones scored against the reference:
+      global     the dataset's most uncertain pixels (one JS threshold for all)
+      per_class  each labelled class's most uncertain pixels (a threshold per class)
+    with how much of each labelled class a cut removes: a gate that erases the small parts teaches
+    a segmenter that they barely exist."""
     base = segmentation_iou(labels, ref, classes)
-    res = {"0": {"threshold": None, "kept_miou": round(base[0], 4), "per_class_iou": [round(v, 3) for v in base[1]]}}
+    res: dict = {"none": {"kept_miou": round(base[0], 4), "per_class_iou": [round(v, 3) for v in base[1]]}}
     label_counts = torch.bincount(labels.flatten().long(), minlength=classes).double()
-    for q in fractions:
-        k = max(1, int(round(q * flat.numel())))
-        thr = float(flat.kthvalue(flat.numel() - k + 1).values)  # the k-th largest JS
-        dropped = unc >= thr
-        masked = torch.where(dropped, torch.full_like(ref, 255), ref)
-        miou, per = segmentation_iou(labels, masked, classes)
-        lost = torch.bincount(labels[dropped].long(), minlength=classes).double() / label_counts.clamp_min(1)
-        res[str(q)] = {"threshold": round(thr, 5), "kept_miou": round(miou, 4), "per_class_iou": [round(v, 3) for v in per],
-                       "class_pixels_dropped": [round(v, 3) for v in lost.tolist()]}
-        print(f"# pixels: drop top {q:.0%} (JS >= {thr:.4f}): kept mIoU {miou:.4f}; share of each labelled class "
-              "dropped " + " ".join(f"{v:.2f}" for v in lost.tolist()))
+
+    def top(values: torch.Tensor, q: float) -> float:  # the k-th largest value, k = q * n
+        k = max(1, int(round(q * values.numel())))
+        return float(values.kthvalue(values.numel() - k + 1).values)
+
+    for rule in ("global", "per_class"):
+        for q in fractions:
+            if rule == "global":
+                dropped = unc >= top(unc.flatten(), q)
+            else:
+                dropped = torch.zeros_like(labels, dtype=torch.bool)
+                for c in range(classes):
+                    m = labels == c
+                    if m.any():
+                        dropped |= m & (unc >= top(unc[m], q))
+            masked = torch.where(dropped, torch.full_like(ref, 255), ref)
+            miou, per = segmentation_iou(labels, masked, classes)
+            lost = torch.bincount(labels[dropped].long(), minlength=classes).double() / label_counts.clamp_min(1)
+            res[f"{rule} {q}"] = {"kept_miou": round(miou, 4), "per_class_iou": [round(v, 3) for v in per],
+                                  "class_pixels_dropped": [round(v, 3) for v in lost.tolist()]}
+            print(f"# pixels, {rule}: drop top {q:.0%}: kept mIoU {miou:.4f}; share of each labelled class dropped "
+                  + " ".join(f"{v:.2f}" for v in lost.tolist()))
     return res
 
 

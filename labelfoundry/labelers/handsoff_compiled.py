@@ -9,8 +9,8 @@ upsampling, bias, ReLU, the JS reductions. Here the same math is one function, s
 cached on disk by torch for the next process), so it pays off for long runs only
 (`GenerateSection.compile`).
 
-The image is labelled whole: memory ~3 * R² * M*H1 values (64²: ~20 MB fp32), so images larger
-than `max_pixels` stay on the tiled path. A machine where compilation fails (no C++ compiler, no
+The image is labelled whole: memory ~3 * R² * M*H1 values (64², 3 x 128: ~20 MB fp32), so a
+labeler whose R² * M*H1 exceeds `max_values` stays on the tiled path. A machine where compilation fails (no C++ compiler, no
 Triton) warns once and labels eagerly: the labels are the same to float rounding either way.
 """
 
@@ -58,7 +58,7 @@ class CompiledLabeling:
     """The process's compiled `label_image`: compiled lazily, first call per shape under a lock (two
     generation threads must not compile the same graph at once), eager for good after a failure."""
 
-    max_pixels = 256 * 256
+    max_values = 2**25  # R² * M*H1 of the largest image labelled whole (fp32: 128 MiB per copy of h)
 
     def __init__(self) -> None:
         self._fns: dict[str, Callable] = {}  # per device type
