@@ -127,7 +127,7 @@ class GenerateSection(_Strict):
     )
     compile: Literal["auto", "on", "off"] = Field(
         "auto", description="label with the torch.compile'd pass (HandsOff; labelfoundry.labelers.handsoff_compiled): "
-        "~0.7x the eager labeling time at 64² on CPU, for one compilation per worker process (~15-25 s, needs a C++ "
+        "1.06-1.5x the labeled samples/s at 64² on CPU (README), for one compilation per worker process (~15-25 s, needs a C++ "
         "compiler on CPU, Triton on CUDA; without one it warns and labels eagerly). auto = on from "
         f"{COMPILE_FROM_SAMPLES:,} samples, where the compilation pays for itself"
     )
