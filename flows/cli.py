@@ -222,16 +222,21 @@ def generate(
     config: Optional[Path] = typer.Argument(None, help="run config YAML; omit for the built-in demo"),
     num_samples: Optional[int] = typer.Option(None, help="override generate.num_samples"),
     run_dir: Optional[str] = typer.Option(None, help="override run_dir"),
+    set_: list[str] = typer.Option([], "--set", help="override a config key: --set generate.compile=on"),
 ) -> None:
     """Generate + filter a dataset (inversion and label generator come from the cache when unchanged)."""
-    _check_config(config, {})
+    from .generate import _overrides
+
+    overrides = _parse_sets(set_)
+    _check_config(config, _overrides(num_samples, run_dir, overrides))
     configure_prefect_env()
     _prefect_banner()
     from .display import RunDisplay
     from .generate import generate as generate_flow
 
     with RunDisplay(console):
-        summary = generate_flow(config=str(config) if config else None, num_samples=num_samples, run_dir=run_dir)
+        summary = generate_flow(config=str(config) if config else None, num_samples=num_samples, run_dir=run_dir,
+                                overrides=overrides or None)
     console.print_json(json.dumps(summary, default=str))
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
 from .inversion.optimize import InversionConfig
 from .labelers.registry import DEFAULT_METHOD, REGISTRY
@@ -131,6 +131,12 @@ class GenerateSection(_Strict):
         "compiler on CPU, Triton on CUDA; without one it warns and labels eagerly). auto = on from "
         f"{COMPILE_FROM_SAMPLES:,} samples, where the compilation pays for itself"
     )
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, v):
+        """YAML reads a bare on / off as true / false (`--set generate.compile=on` too): take them."""
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
 
     @property
     def compile_labels(self) -> bool:

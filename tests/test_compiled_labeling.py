@@ -81,3 +81,6 @@ def test_compile_auto_turns_on_for_long_runs_only():
     assert GenerateSection(num_samples=COMPILE_FROM_SAMPLES).compile_labels
     assert GenerateSection(num_samples=10, compile="on").compile_labels
     assert not GenerateSection(num_samples=1_000_000, compile="off").compile_labels
+    assert GenerateSection(compile=True).compile == "on" and GenerateSection(compile=False).compile == "off"  # YAML's on/off
+    with pytest.raises(ValueError, match="compile"):
+        GenerateSection(compile="sometimes")

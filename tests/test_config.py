@@ -183,6 +183,25 @@ def test_cli_set_overrides_are_parsed_and_validated(tmp_path, cli):
     assert len(calls) == 1
 
 
+def test_cli_generate_takes_set_overrides(tmp_path, cli, monkeypatch):
+    """`labelfoundry generate --set`: validated before Prefect starts, passed to the flow, and the
+    --num-samples / --run-dir shorthands win over a --set of the same key."""
+    import flows.generate
+    from flows.generate import _overrides
+
+    invoke, _ = cli
+    seen = []
+    monkeypatch.setattr(flows.generate, "generate", lambda **kw: seen.append(kw) or {"report": "r.md"})
+    cfg = write(tmp_path, {"name": "x"})
+    res = invoke("generate", cfg, "--set", "generate.compile=on", "--set", "generate.num_samples=5", "--num-samples", "9")
+    assert res.exit_code == 0, res.output
+    assert seen[0]["overrides"] == {"generate": {"compile": True, "num_samples": 5}} and seen[0]["num_samples"] == 9  # YAML: on = true
+    merged = load_config(cfg, _overrides(seen[0]["num_samples"], None, seen[0]["overrides"]))
+    assert merged.generate.compile == "on" and merged.generate.num_samples == 9
+    res = invoke("generate", cfg, "--set", "generate.compile=maybe")
+    assert res.exit_code == 2 and "generate.compile" in res.output and len(seen) == 1
+
+
 def test_cli_set_wins_over_full(tmp_path, cli, monkeypatch):
     import flows.cli
 
