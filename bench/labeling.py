@@ -102,7 +102,7 @@ from labelfoundry.uncertainty import entropy, js_divergence  # noqa: E402
 
 PHASES = ("ours", "ours_bf16", "naive")
 # HandsOffLabeler.label(compiled=True), fp32 / under bf16 autocast: run when asked (--phases); compiled
-# before the clock (once per process). Labelers over handsoff_compiled's max_values label tiled anyway.
+# before the clock (once per process). Labelers outside handsoff_compiled's `applies` label tiled anyway.
 COMPILED_PHASES = ("ours_compiled", "ours_compiled_bf16")
 AGREE_MIN = 0.999  # fraction of pixels whose argmax must agree
 JS_ATOL = 1e-3  # nats, per pixel

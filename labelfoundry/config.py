@@ -127,7 +127,8 @@ class GenerateSection(_Strict):
     )
     compile: Literal["auto", "on", "off"] = Field(
         "auto", description="label with the torch.compile'd pass (HandsOff; labelfoundry.labelers.handsoff_compiled): "
-        "1.06-1.5x the labeled samples/s at 64² on CPU (README), for one compilation per worker process (~15-25 s, needs a C++ "
+        "1.06-1.5x the labeled samples/s at 64² on CPU with the default 3 x 128 labeler (README; labelers wider than "
+        "handsoff_compiled's max_width, measured slower, stay eager), for one compilation per worker process (~15-25 s, needs a C++ "
         "compiler on CPU, Triton on CUDA; without one it warns and labels eagerly). auto = on from "
         f"{COMPILE_FROM_SAMPLES:,} samples, where the compilation pays for itself"
     )

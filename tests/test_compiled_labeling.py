@@ -84,3 +84,16 @@ def test_compile_auto_turns_on_for_long_runs_only():
     assert GenerateSection(compile=True).compile == "on" and GenerateSection(compile=False).compile == "off"  # YAML's on/off
     with pytest.raises(ValueError, match="compile"):
         GenerateSection(compile="sometimes")
+
+
+def test_labelers_wider_than_max_width_stay_on_the_tiled_path(G32, batch, monkeypatch):
+    """The compiled pass is only used where it was measured faster (M*H1 <= max_width)."""
+    lab = HandsOffLabeler.fit(G32, fit_data(_masks(batch.image), 3, latents=batch.ws),
+                              HandsOffConfig(members=2, hidden=(8, 4), min_steps=5, pixels_per_image=64))
+    fresh = CompiledLabeling()
+    fresh.max_width = 15  # this labeler's first layer is 2 x 8 = 16 wide
+    monkeypatch.setattr(handsoff_mod, "COMPILED", fresh)
+    assert not fresh.applies(32 * 32, 16) and fresh.applies(32 * 32, 15)
+    out = lab.label(batch, compiled=True)
+    assert torch.equal(out.uncertainty, lab.label(batch).uncertainty)
+    assert fresh._fns == {} and fresh._warm == set()  # nothing compiled, nothing called

@@ -318,7 +318,7 @@ class HandsOffLabeler(nn.Module):
         Under bf16 autocast (the generation stage's precision) the three layers run in bf16 with
         fp32 accumulation; softmax, the class average and the uncertainty are always fp32.
         compiled: label each image whole with the torch.compile'd pass of `handsoff_compiled`
-        (faster on long runs; the same labels to float rounding; images over its `max_values`, and
+        (faster on long runs; the same labels to float rounding; labelers outside its `applies`, and
         machines where compilation fails, stay on the tiled path).
         """
         self.eval()
@@ -329,7 +329,7 @@ class HandsOffLabeler(nn.Module):
         label = torch.empty((n, R, R) if seg else (n, K, R, R), dtype=torch.uint8 if seg else torch.float32, device=dev)
         unc = torch.empty(n, R, R, device=dev)
         proj, w = self._labeling_plan(taps, autocast_dtype(dev))
-        if compiled and R * R * M * H1 <= COMPILED.max_values and self._label_compiled(taps, proj, w, seg, label, unc):
+        if compiled and COMPILED.applies(R * R, M * H1) and self._label_compiled(taps, proj, w, seg, label, unc):
             score, top10 = image_scores(unc)
             return LabelBatch(label=label, uncertainty=unc, score=score, score_top10=top10)
         h2_buf = torch.empty(M, proj.T * R, self.net.h2, device=dev, dtype=proj.dtype)

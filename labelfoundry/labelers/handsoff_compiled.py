@@ -4,13 +4,14 @@ Eager PyTorch runs the labeling pass (`features.TiledProjection` and the head in
 `HandsOffLabeler.label`) as a few GEMMs plus memory-bound passes over the (P, M*H1) tile:
 upsampling, bias, ReLU, the JS reductions. Here the same math is one function, so the compiler
 (inductor: C++/OpenMP on CPU, Triton on CUDA) fuses those passes around the GEMMs. Measured at
-64², fp32, one thread (AVX2 CPU): ~0.7x the eager tiled time for the same labels (see
-`bench/throughput.py --compile`). It costs a compilation per process and shape (~15-25 s on CPU,
+64², fp32, one thread (AVX2 CPU), the default 3 x 128 labeler: ~0.75x the eager tiled time for the
+same labels (see `bench/throughput.py --compile`). It costs a compilation per process and shape (~15-25 s on CPU,
 cached on disk by torch for the next process), so it pays off for long runs only
 (`GenerateSection.compile`).
 
 The image is labelled whole: memory ~3 * R² * M*H1 values (64², 3 x 128: ~20 MB fp32), so a
-labeler whose R² * M*H1 exceeds `max_values` stays on the tiled path. A machine where compilation fails (no C++ compiler, no
+labeler whose R² * M*H1 exceeds `max_values` stays on the tiled path, as does one wider than
+`max_width` (measured slower compiled). A machine where compilation fails (no C++ compiler, no
 Triton) warns once and labels eagerly: the labels are the same to float rounding either way.
 """
 
@@ -59,6 +60,14 @@ class CompiledLabeling:
     generation threads must not compile the same graph at once), eager for good after a failure."""
 
     max_values = 2**25  # R² * M*H1 of the largest image labelled whole (fp32: 128 MiB per copy of h)
+    # widest first layer (M*H1) it is used for: at 64², one thread, 3 x 128 (384) labels in ~0.75x the
+    # eager tiled time, but 10 x 256 (2,560) took 1.1x (3.50 vs 3.19 s per 32 images; through the
+    # factory 15.2 vs 17.7 samples/s): there the eager tile's separable upsampling wins
+    max_width = 512
+
+    def applies(self, pixels: int, width: int) -> bool:
+        """Whether an image of `pixels` with a first layer `width` (M*H1) wide is labelled compiled."""
+        return width <= self.max_width and pixels * width <= self.max_values
 
     def __init__(self) -> None:
         self._fns: dict[str, Callable] = {}  # per device type
