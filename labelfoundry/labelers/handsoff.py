@@ -356,7 +356,8 @@ class HandsOffLabeler(nn.Module):
     @staticmethod
     def _label_compiled(taps: list[torch.Tensor], proj: TiledProjection, w: dict[str, torch.Tensor], seg: bool,
                         label: torch.Tensor, unc: torch.Tensor) -> bool:
-        """Fill label/unc image by image with the compiled pass; False (nothing written) where it is unavailable."""
+        """Fill label/unc image by image with the compiled pass; False where it is unavailable (what
+        it wrote before failing is then overwritten by the tiled pass)."""
         groups = ([proj.full] if proj.full is not None else []) + proj.low
         meta = (tuple((tuple(g.idx), g.res) for g in groups), proj.R, seg)
         weights = ([g.wt for g in groups], proj.bias, w["w2"], w["b2"], w["w3"], w["b3"])
