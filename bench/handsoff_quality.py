@@ -9,7 +9,11 @@ held-out val faces) and compare with their exact labels. What it reports per var
   their foreground centroid (x, y) over the val faces, as ratios to the same figures of the exact
   labels (1.0: as varied as the faces; a mean face gives ~0);
 - whether the JS uncertainty is informative (mean JS on wrong vs right pixels);
-- fit and labeling time.
+- fit and labeling time;
+- with `--generated N`: the labels of N generated images (the factory's own output, which no
+  inversion touches) against a segmenter trained on real renders (the cached scorer of
+  bench/generator_quality.py, which also finds the rare parts): pooled per-class IoU and, per rare
+  class, the share of images whose labels draw it next to the share where the scorer finds it.
 Inversion quality (reconstruction MSE per image, worst and median) is reported once; inversions are
 cached in --cache per (generator, split, offset, n, inversion config). A per-pixel RGB-only MLP on
 the same labeled faces is the no-generator control.
@@ -17,6 +21,7 @@ the same labeled faces is the no-generator control.
     python bench/handsoff_quality.py                                   # the defaults, 2 fit seeds
     python bench/handsoff_quality.py --variant h128:hidden=128,32 --variant rgb:include_rgb=true \\
         --variant bal:class_balanced=true --variant long:min_steps=1200 --seeds 0,1
+    python bench/handsoff_quality.py --offset 0 --seeds 0 --generated 1000 --inv-steps 1000 --inv-c-reg none
 
 A variant is NAME:key=value,... over HandsOffConfig fields (values parsed as YAML; a comma inside a
 tuple value is fine: `hidden=128,32`). `default` (no overrides) is measured first unless --no-default.
@@ -39,6 +44,8 @@ import yaml
 
 from labelfoundry.domains import toyfaces
 from labelfoundry.features import generate_with_taps
+from labelfoundry.generation import generate_samples
+from labelfoundry.generator_quality import ScorerSpec, presence, scorer_outputs, train_scorer, uint8_to_tensor
 from labelfoundry.generators import load_networks
 from labelfoundry.inversion.optimize import InversionConfig, InversionResult, invert
 from labelfoundry.labelers import FitData, GenBatch
@@ -117,6 +124,16 @@ def label_all(G, lab: HandsOffLabeler, ws: torch.Tensor, batch: int = 16):
     return torch.cat(labels), torch.cat(unc)
 
 
+def generated_agreement(G, lab: HandsOffLabeler, scorer, n: int, k: int) -> dict:
+    """The labels of n generated images (fixed seeds) against the scorer's predictions on them."""
+    arrays, _ = generate_samples(G, lab, list(range(n)), 12345, store_w=False)
+    _, pred = scorer_outputs(scorer, uint8_to_tensor(arrays["image"]))
+    miou, per = segmentation_iou(torch.from_numpy(arrays["label"]).long(), torch.from_numpy(pred).long(), k)
+    rare = {c: {"labels": float(presence(arrays["label"], toyfaces.CLASSES.index(c), 0.004).mean()),
+                "scorer": float(presence(pred, toyfaces.CLASSES.index(c), 0.004).mean())} for c in toyfaces.RARE_CLASSES}
+    return {"gen_parts_miou": float(np.mean(per[1:])), "gen_per": per, "rare": rare}
+
+
 def mean_std(xs: list[float]) -> dict:
     a = np.asarray(xs, dtype=float)
     if np.isnan(a).all():
@@ -132,6 +149,11 @@ def main() -> None:
     ap.add_argument("--val", type=int, default=64)
     ap.add_argument("--inv-steps", type=int, default=300)
     ap.add_argument("--inv-loss", choices=("l2", "lpips"), default="l2")
+    ap.add_argument("--inv-c-reg", type=lambda v: None if v.lower() in ("none", "null") else float(v), default=0.5,
+                    help="inversion's latent constraint (none: unconstrained)")
+    ap.add_argument("--generated", type=int, default=0, help="also score the labels of this many generated images "
+                    "against a segmenter trained on real renders (0: skip)")
+    ap.add_argument("--scorer-steps", type=int, default=800, help="that segmenter's training steps (cached in --cache)")
     ap.add_argument("--variant", action="append", default=[], help="NAME:key=value,... (repeatable)")
     ap.add_argument("--base", default="", help="key=value,... applied to every variant (e.g. a quick smoke budget)")
     ap.add_argument("--seeds", default="0,1", help="fit seeds per variant")
@@ -149,7 +171,8 @@ def main() -> None:
     G = nets.G
     R, K = G.resolution, len(toyfaces.CLASSES)
     tag = hashlib.sha256(str(args.generator).encode()).hexdigest()[:8]
-    icfg = InversionConfig(steps=args.inv_steps, loss=args.inv_loss)
+    icfg = InversionConfig(steps=args.inv_steps, loss=args.inv_loss, c_reg=args.inv_c_reg)
+    scorer = train_scorer(ScorerSpec(resolution=R, steps=args.scorer_steps), args.cache) if args.generated else None
     tr, inv = inverted(G, "train", args.labeled, args.offset, icfg, args.cache, tag)
     va, invv = inverted(G, "val", args.val, 0, icfg, args.cache, tag)
     gt_tr = torch.from_numpy(np.stack([s.mask for s in tr])).long()
@@ -182,23 +205,35 @@ def main() -> None:
             t_miou, _ = segmentation_iou(lt, gt_tr, K)
             sp = spread(lv)
             wrong = lv != gt_va
-            runs.append({"val_miou": v_miou, "train_miou": t_miou, "per": v_per, "fit_s": fit_s, "label_s": label_s,
+            gen = generated_agreement(G, lab, scorer, args.generated, K) if scorer is not None else {}
+            runs.append({**gen, "val_miou": v_miou, "train_miou": t_miou, "per": v_per, "fit_s": fit_s, "label_s": label_s,
                          **{f"spread_{k}": sp[k] / max(gt_spread[k], 1e-9) for k in sp},
                          "js_wrong": uv[wrong].mean().item(), "js_right": uv[~wrong].mean().item()})
             print(f"# {name} seed {seed}: val mIoU {v_miou:.3f} train {t_miou:.3f} area spread {runs[-1]['spread_area']:.2f} "
-                  f"fit {fit_s:.0f} s", flush=True)
+                  f"fit {fit_s:.0f} s" + (f"; generated vs scorer {gen['gen_parts_miou']:.3f}, rare parts drawn "
+                  + ", ".join(f"{c} {v['labels']:.3f} (scorer {v['scorer']:.3f})" for c, v in gen["rare"].items()) if gen else ""),
+                  flush=True)
         result[name] = {
             "overrides": {**base_over, **over},
             **{k: mean_std([r[k] for r in runs]) for k in ("val_miou", "train_miou", "spread_area", "spread_cx", "spread_cy",
                                                          "js_wrong", "js_right", "fit_s", "label_s")},
             "val_per_class": {c: mean_std([r["per"][i] for r in runs]) for i, c in enumerate(toyfaces.CLASSES)},
         }
-    print("| variant | val mIoU | train mIoU | area spread | cx spread | fit s |")
-    print("|---|---|---|---|---|---|")
+        if scorer is not None:
+            result[name]["generated"] = {
+                "n": args.generated, "parts_miou": mean_std([r["gen_parts_miou"] for r in runs]),
+                "per_class": {c: mean_std([r["gen_per"][i] for r in runs]) for i, c in enumerate(toyfaces.CLASSES)},
+                "rare_drawn": {c: mean_std([r["rare"][c]["labels"] for r in runs]) for c in toyfaces.RARE_CLASSES},
+                "rare_scorer": {c: runs[0]["rare"][c]["scorer"] for c in toyfaces.RARE_CLASSES},
+            }
+    gen_col = scorer is not None
+    print("| variant | val mIoU | train mIoU | area spread | cx spread | fit s |" + (" generated vs scorer |" if gen_col else ""))
+    print("|---|---|---|---|---|---|" + ("---|" if gen_col else ""))
     for name in variants:
         r = result[name]
         print(f"| {name} | {r['val_miou']['mean']:.3f} ± {r['val_miou']['std']:.3f} | {r['train_miou']['mean']:.3f} | "
-              f"{r['spread_area']['mean']:.2f} | {r['spread_cx']['mean']:.2f} | {r['fit_s']['mean']:.0f} |")
+              f"{r['spread_area']['mean']:.2f} | {r['spread_cx']['mean']:.2f} | {r['fit_s']['mean']:.0f} |"
+              + (f" {r['generated']['parts_miou']['mean']:.3f} |" if gen_col else ""))
     line = json.dumps(result, default=lambda v: None if v != v else v)
     if args.out:
         args.out.write_text(line + "\n")
