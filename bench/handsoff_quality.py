@@ -45,7 +45,7 @@ import yaml
 from labelfoundry.domains import toyfaces
 from labelfoundry.features import generate_with_taps
 from labelfoundry.generation import generate_samples
-from labelfoundry.generator_quality import ScorerSpec, presence, scorer_outputs, train_scorer, uint8_to_tensor
+from labelfoundry.generator_quality import RARE_MIN_FRACTION, ScorerSpec, presence, scorer_outputs, train_scorer, uint8_to_tensor
 from labelfoundry.generators import load_networks
 from labelfoundry.inversion.optimize import InversionConfig, InversionResult, invert
 from labelfoundry.labelers import FitData, GenBatch
@@ -128,9 +128,9 @@ def generated_agreement(G, lab: HandsOffLabeler, scorer, n: int, k: int) -> dict
     """The labels of n generated images (fixed seeds) against the scorer's predictions on them."""
     arrays, _ = generate_samples(G, lab, list(range(n)), 12345, store_w=False)
     _, pred = scorer_outputs(scorer, uint8_to_tensor(arrays["image"]))
-    miou, per = segmentation_iou(torch.from_numpy(arrays["label"]).long(), torch.from_numpy(pred).long(), k)
-    rare = {c: {"labels": float(presence(arrays["label"], toyfaces.CLASSES.index(c), 0.004).mean()),
-                "scorer": float(presence(pred, toyfaces.CLASSES.index(c), 0.004).mean())} for c in toyfaces.RARE_CLASSES}
+    _, per = segmentation_iou(torch.from_numpy(arrays["label"]).long(), torch.from_numpy(pred).long(), k)
+    rare = {c: {src: float(presence(m, toyfaces.CLASSES.index(c), RARE_MIN_FRACTION).mean())
+                for src, m in (("labels", arrays["label"]), ("scorer", pred))} for c in toyfaces.RARE_CLASSES}
     return {"gen_parts_miou": float(np.mean(per[1:])), "gen_per": per, "rare": rare}
 
 

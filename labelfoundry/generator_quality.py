@@ -133,6 +133,9 @@ def uint8_to_tensor(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
+RARE_MIN_FRACTION = 0.004  # share of an image's pixels a part must cover to count as present
+
+
 def presence(pred: np.ndarray, cls: int, min_fraction: float) -> np.ndarray:
     """Per image: does the class cover at least `min_fraction` of the pixels?"""
     return (pred == cls).mean((1, 2)) >= min_fraction
@@ -143,7 +146,7 @@ def head_fraction(pred: np.ndarray) -> np.ndarray:
     return (pred != toyfaces.CLASSES.index("background")).mean((1, 2))
 
 
-def generator_quality(G, scorer: Segmenter, n: int = 2000, k: int = 3, min_fraction: float = 0.004,
+def generator_quality(G, scorer: Segmenter, n: int = 2000, k: int = 3, min_fraction: float = RARE_MIN_FRACTION,
                       batch: int = 250, kimg: float | None = None) -> dict:
     """Every figure of a generator's quality on the built-in domain (see the module docstring).
 
