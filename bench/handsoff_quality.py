@@ -13,7 +13,14 @@ held-out val faces) and compare with their exact labels. What it reports per var
 - with `--generated N`: the labels of N generated images (the factory's own output, which no
   inversion touches) against a segmenter trained on real renders (the cached scorer of
   bench/generator_quality.py, which also finds the rare parts): pooled per-class IoU and, per rare
-  class, the share of images whose labels draw it next to the share where the scorer finds it.
+  class, the share of images whose labels draw it next to the share where the scorer finds it;
+- with `--downstream STEPS` as well: what those labels are worth downstream. A tiny U-Net (the
+  headline's: batch 32, STEPS steps, one thread, seeds --downstream-seeds) is trained on the N
+  generated images with the labels of each variant's first fit seed, and once on the same images
+  with the scorer's predictions as labels ("reference": labels as good as a segmenter trained on
+  thousands of real renders, the most any labeler could give *these* images), and tested on
+  --test real renders. The reference row is the generator's ceiling: what is left between it and
+  the oracle is the generator's share of the gap, between it and a variant the labeler's.
 Inversion quality (reconstruction MSE per image, worst and median) is reported once; inversions are
 cached in --cache per (generator, split, offset, n, inversion config). A per-pixel RGB-only MLP on
 the same labeled faces is the no-generator control.
@@ -22,6 +29,7 @@ the same labeled faces is the no-generator control.
     python bench/handsoff_quality.py --variant h128:hidden=128,32 --variant rgb:include_rgb=true \\
         --variant bal:class_balanced=true --variant long:min_steps=1200 --seeds 0,1
     python bench/handsoff_quality.py --offset 0 --seeds 0 --generated 1000 --inv-steps 1000 --inv-c-reg none
+    python bench/handsoff_quality.py --offset 0 --val 16 --seeds 0 --generated 3000 --downstream 1000 --workers 2
 
 A variant is NAME:key=value,... over HandsOffConfig fields (values parsed as YAML; a comma inside a
 tuple value is fine: `hidden=128,32`). `default` (no overrides) is measured first unless --no-default.
@@ -31,9 +39,12 @@ The last line of stdout is one JSON object {variant: {...}, "_inversion": {...}}
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import hashlib
+import multiprocessing
 import json
 import re
+import tempfile
 import time
 from pathlib import Path
 
@@ -43,6 +54,7 @@ import torch.nn.functional as F
 import yaml
 
 from labelfoundry.domains import toyfaces
+from labelfoundry.evaluation import ArrayDataset, toyfaces_split, train_and_evaluate
 from labelfoundry.features import generate_with_taps
 from labelfoundry.generation import generate_samples
 from labelfoundry.generator_quality import RARE_MIN_FRACTION, ScorerSpec, presence, scorer_outputs, train_scorer, uint8_to_tensor
@@ -51,6 +63,7 @@ from labelfoundry.inversion.optimize import InversionConfig, InversionResult, in
 from labelfoundry.labelers import FitData, GenBatch
 from labelfoundry.labelers.handsoff import HandsOffConfig, HandsOffLabeler
 from labelfoundry.segmenters.metrics import segmentation_iou
+from labelfoundry.segmenters.train import TrainConfig
 
 
 def rgb_baseline(train_img: np.ndarray, train_mask: np.ndarray, test_img: np.ndarray, k: int, steps: int = 1500) -> torch.Tensor:
@@ -124,14 +137,27 @@ def label_all(G, lab: HandsOffLabeler, ws: torch.Tensor, batch: int = 16):
     return torch.cat(labels), torch.cat(unc)
 
 
-def generated_agreement(G, lab: HandsOffLabeler, scorer, n: int, k: int) -> dict:
-    """The labels of n generated images (fixed seeds) against the scorer's predictions on them."""
+def generated_agreement(G, lab: HandsOffLabeler, scorer, n: int, k: int) -> tuple[dict, dict[str, np.ndarray]]:
+    """The labels of n generated images (fixed seeds) against the scorer's predictions on them;
+    also returns the images, the labels and the scorer's predictions."""
     arrays, _ = generate_samples(G, lab, list(range(n)), 12345, store_w=False)
     _, pred = scorer_outputs(scorer, uint8_to_tensor(arrays["image"]))
     _, per = segmentation_iou(torch.from_numpy(arrays["label"]).long(), torch.from_numpy(pred).long(), k)
     rare = {c: {src: float(presence(m, toyfaces.CLASSES.index(c), RARE_MIN_FRACTION).mean())
                 for src, m in (("labels", arrays["label"]), ("scorer", pred))} for c in toyfaces.RARE_CLASSES}
-    return {"gen_parts_miou": float(np.mean(per[1:])), "gen_per": per, "rare": rare}
+    data = {"image": arrays["image"], "label": arrays["label"], "reference": pred.astype(np.uint8)}
+    return {"gen_parts_miou": float(np.mean(per[1:])), "gen_per": per, "rare": rare}, data
+
+
+def downstream_score(images: np.ndarray, labels: np.ndarray, steps: int, seed: int, test: int) -> dict:
+    """The headline's downstream segmenter trained from scratch on (images, labels), tested on
+    `test` real renders. One thread: run side by side in spawned processes (see `downstream`)."""
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:  # nothing to resume: a fresh training every time
+        m = train_and_evaluate(ArrayDataset(images, labels), toyfaces_split("test", test, images.shape[1]), arch="tiny_unet",
+                               num_outputs=len(toyfaces.CLASSES), out_dir=tmp,
+                               train_cfg=TrainConfig(max_steps=steps, batch_size=32, seed=seed, checkpoint_every=10**9))
+    return {"miou": m["miou"], "per": m["per_class_iou"]}
 
 
 def mean_std(xs: list[float]) -> dict:
@@ -139,6 +165,24 @@ def mean_std(xs: list[float]) -> dict:
     if np.isnan(a).all():
         return {"mean": None, "std": None, "n": len(a)}
     return {"mean": round(float(np.nanmean(a)), 4), "std": round(float(np.nanstd(a)), 4), "n": len(a)}
+
+
+def downstream(images: np.ndarray, trainsets: dict[str, np.ndarray], args) -> dict:
+    """Every (label source, downstream seed) trained side by side; mean ± std per source."""
+    seeds = [int(s) for s in args.downstream_seeds.split(",")]
+    jobs = {(name, seed): (images, labels, args.downstream, seed, args.test)
+            for name, labels in trainsets.items() for seed in seeds}
+    with concurrent.futures.ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        done = {key: pool.submit(downstream_score, *job) for key, job in jobs.items()}
+        runs = {key: f.result() for key, f in done.items()}
+    out = {}
+    for name in trainsets:
+        rs = [runs[(name, s)] for s in seeds]
+        out[name] = {"miou": mean_std([r["miou"] for r in rs]), "per_seed": [round(r["miou"], 4) for r in rs],
+                     "per_class": {c: mean_std([r["per"][i] for r in rs]) for i, c in enumerate(toyfaces.CLASSES)}}
+        print(f"# downstream on {len(images)} generated images, {name} labels: real-test mIoU "
+              f"{out[name]['miou']['mean']:.3f} ± {out[name]['miou']['std']:.3f} (seeds {out[name]['per_seed']})", flush=True)
+    return out
 
 
 def main() -> None:
@@ -153,6 +197,11 @@ def main() -> None:
                     help="inversion's latent constraint (none: unconstrained)")
     ap.add_argument("--generated", type=int, default=0, help="also score the labels of this many generated images "
                     "against a segmenter trained on real renders (0: skip)")
+    ap.add_argument("--downstream", type=int, default=0, help="with --generated: train the downstream segmenter this many "
+                    "steps on the generated images, with each variant's labels and with the scorer's (0: skip)")
+    ap.add_argument("--downstream-seeds", default="0,1,2")
+    ap.add_argument("--test", type=int, default=1000, help="real test renders for --downstream")
+    ap.add_argument("--workers", type=int, default=2, help="--downstream trainings side by side (one thread each)")
     ap.add_argument("--scorer-steps", type=int, default=800, help="that segmenter's training steps (cached in --cache)")
     ap.add_argument("--variant", action="append", default=[], help="NAME:key=value,... (repeatable)")
     ap.add_argument("--base", default="", help="key=value,... applied to every variant (e.g. a quick smoke budget)")
@@ -189,7 +238,10 @@ def main() -> None:
     b_miou, b_per = segmentation_iou(base, gt_va, K)
     result["rgb_baseline"] = {"val_miou": mean_std([b_miou]),
                               "val_per_class": {c: mean_std([v]) for c, v in zip(toyfaces.CLASSES, b_per)}}
+    if args.downstream and not args.generated:
+        raise SystemExit("--downstream trains on the --generated images: give --generated N too")
     data = FitData.from_samples(tr, toyfaces.SCHEMA.to_json(), latents=inv.ws)
+    trainsets: dict[str, np.ndarray] = {}  # name -> labels of the generated images, for --downstream
     for name, over in variants.items():
         runs = []
         for seed in seeds:
@@ -205,7 +257,10 @@ def main() -> None:
             t_miou, _ = segmentation_iou(lt, gt_tr, K)
             sp = spread(lv)
             wrong = lv != gt_va
-            gen = generated_agreement(G, lab, scorer, args.generated, K) if scorer is not None else {}
+            gen, arrays = generated_agreement(G, lab, scorer, args.generated, K) if scorer is not None else ({}, {})
+            if args.downstream and name not in trainsets:
+                trainsets.setdefault("reference", arrays["reference"])
+                trainsets[name], images = arrays["label"], arrays["image"]
             runs.append({**gen, "val_miou": v_miou, "train_miou": t_miou, "per": v_per, "fit_s": fit_s, "label_s": label_s,
                          **{f"spread_{k}": sp[k] / max(gt_spread[k], 1e-9) for k in sp},
                          "js_wrong": uv[wrong].mean().item(), "js_right": uv[~wrong].mean().item()})
@@ -226,6 +281,8 @@ def main() -> None:
                 "rare_drawn": {c: mean_std([r["rare"][c]["labels"] for r in runs]) for c in toyfaces.RARE_CLASSES},
                 "rare_scorer": {c: runs[0]["rare"][c]["scorer"] for c in toyfaces.RARE_CLASSES},
             }
+    if args.downstream:
+        result["_downstream"] = downstream(images, trainsets, args)
     gen_col = scorer is not None
     print("| variant | val mIoU | train mIoU | area spread | cx spread | fit s |" + (" generated vs scorer |" if gen_col else ""))
     print("|---|---|---|---|---|---|" + ("---|" if gen_col else ""))
