@@ -41,8 +41,8 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import hashlib
-import multiprocessing
 import json
+import multiprocessing
 import re
 import tempfile
 import time
@@ -149,12 +149,12 @@ def generated_agreement(G, lab: HandsOffLabeler, scorer, n: int, k: int) -> tupl
     return {"gen_parts_miou": float(np.mean(per[1:])), "gen_per": per, "rare": rare}, data
 
 
-def downstream_score(images: np.ndarray, labels: np.ndarray, steps: int, seed: int, test: int) -> dict:
-    """The headline's downstream segmenter trained from scratch on (images, labels), tested on
-    `test` real renders. One thread: run side by side in spawned processes (see `downstream`)."""
+def downstream_score(images: np.ndarray, labels: np.ndarray, test_data: ArrayDataset, steps: int, seed: int) -> dict:
+    """The headline's downstream segmenter trained from scratch on (images, labels), tested on the
+    real renders of `test_data`. One thread: run side by side in spawned processes (see `downstream`)."""
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:  # nothing to resume: a fresh training every time
-        m = train_and_evaluate(ArrayDataset(images, labels), toyfaces_split("test", test, images.shape[1]), arch="tiny_unet",
+        m = train_and_evaluate(ArrayDataset(images, labels), test_data, arch="tiny_unet",
                                num_outputs=len(toyfaces.CLASSES), out_dir=tmp,
                                train_cfg=TrainConfig(max_steps=steps, batch_size=32, seed=seed, checkpoint_every=10**9))
     return {"miou": m["miou"], "per": m["per_class_iou"]}
@@ -170,7 +170,8 @@ def mean_std(xs: list[float]) -> dict:
 def downstream(images: np.ndarray, trainsets: dict[str, np.ndarray], args) -> dict:
     """Every (label source, downstream seed) trained side by side; mean ± std per source."""
     seeds = [int(s) for s in args.downstream_seeds.split(",")]
-    jobs = {(name, seed): (images, labels, args.downstream, seed, args.test)
+    test_data = toyfaces_split("test", args.test, images.shape[1])  # rendered once for every job
+    jobs = {(name, seed): (images, labels, test_data, args.downstream, seed)
             for name, labels in trainsets.items() for seed in seeds}
     with concurrent.futures.ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         done = {key: pool.submit(downstream_score, *job) for key, job in jobs.items()}
@@ -212,6 +213,8 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, default=Path("runs/handsoff-quality"))
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
+    if args.downstream and not args.generated:
+        raise SystemExit("--downstream trains on the --generated images: give --generated N too")
     torch.set_num_threads(args.threads)
     base_over = parse_variant(f"base:{args.base}")[1]
     variants = dict(([] if args.no_default else [("default", {})]) + [parse_variant(v) for v in args.variant])
@@ -238,8 +241,6 @@ def main() -> None:
     b_miou, b_per = segmentation_iou(base, gt_va, K)
     result["rgb_baseline"] = {"val_miou": mean_std([b_miou]),
                               "val_per_class": {c: mean_std([v]) for c, v in zip(toyfaces.CLASSES, b_per)}}
-    if args.downstream and not args.generated:
-        raise SystemExit("--downstream trains on the --generated images: give --generated N too")
     data = FitData.from_samples(tr, toyfaces.SCHEMA.to_json(), latents=inv.ws)
     trainsets: dict[str, np.ndarray] = {}  # name -> labels of the generated images, for --downstream
     for name, over in variants.items():
