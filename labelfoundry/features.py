@@ -141,6 +141,7 @@ class _Group:
     lerp: tuple[torch.Tensor, ...] = ()  # large groups: horizontal weights, see TiledProjection.image
     chunk: int = 1  # low-res rows projected per step of the rolling band
     cap: int = 0  # rows the band holds
+    src: tuple[torch.Tensor, ...] = ()  # low-res groups: interp_1d's i0, i1 (int64) and weight (fp32), for the compiled pass
 
 
 class TiledProjection:
@@ -197,6 +198,7 @@ class TiledProjection:
             if r > R or f * r != R or f % 2:
                 raise ValueError(f"tap resolution {r} must divide the output resolution {R} by an even factor")
             i0, i1, lam = interp_1d(R, r)
+            g.src = (i0.to(dev), i1.to(dev), lam.to(device=dev, dtype=torch.float32))
             for y0 in range(0, R, T):
                 y1 = min(R, y0 + T)
                 lo, hi = int(i0[y0]), int(i1[y1 - 1])

@@ -360,7 +360,7 @@ class HandsOffLabeler(nn.Module):
         it wrote before failing is then overwritten by the tiled pass)."""
         groups = ([proj.full] if proj.full is not None else []) + proj.low
         meta = (tuple((tuple(g.idx), g.res) for g in groups), proj.R, seg)
-        weights = ([g.wt for g in groups], proj.bias, w["w2"], w["b2"], w["w3"], w["b3"])
+        weights = ([g.wt for g in groups], proj.bias, w["w2"], w["b2"], w["w3"], w["b3"], [g.src for g in groups])
         for i in range(label.shape[0]):
             out = COMPILED([t[i] for t in taps], *weights, *meta)
             if out is None:
