@@ -52,7 +52,8 @@ def label_image(
 GATHER_MAX_VALUES = 2**20
 
 
-def _first_layer(taps, wts, bias, src, groups: Groups, R: int) -> torch.Tensor:
+def _first_layer(taps: list[torch.Tensor], wts: list[torch.Tensor], bias: torch.Tensor,
+                 src: list[tuple[torch.Tensor, ...]], groups: Groups, R: int) -> torch.Tensor:
     """relu(first layer): (R*R, M*H1) in the compute dtype. Each group is projected at its own
     resolution, upsampled and summed; inductor fuses the upsampling, the sum, bias and ReLU.
 
