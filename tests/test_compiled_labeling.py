@@ -97,3 +97,28 @@ def test_labelers_wider_than_max_width_stay_on_the_tiled_path(G32, batch, monkey
     out = lab.label(batch, compiled=True)
     assert torch.equal(out.uncertainty, lab.label(batch).uncertainty)
     assert fresh._fns == {} and fresh._warm == set()  # nothing compiled, nothing called
+
+
+def test_bf16_pass_mixing_both_upsampling_forms_keeps_the_labels(G32, batch, monkeypatch):
+    """Under bf16 the compiled pass gathers the groups whose vertical pass is small and interpolates
+    the rest (at 256², both in one image): with the limit between this generator's group sizes, the
+    labels stay within the bf16 bar of the fp32 tiled pass."""
+    from labelfoundry.labelers import handsoff_compiled
+
+    lab = HandsOffLabeler.fit(G32, fit_data(_masks(batch.image), 3, latents=batch.ws),
+                              HandsOffConfig(members=3, hidden=(16, 8), min_steps=60, pixels_per_image=256))
+    mh, R = 3 * 16, 32
+    low = sorted({t.shape[-1] for t in lab.tap_spec.select(batch.taps, batch.image)} - {R})
+    assert len(low) >= 2
+    limit = R * low[0] * mh  # the smallest group gathered, every larger one interpolated
+    monkeypatch.setattr(handsoff_compiled, "GATHER_MAX_VALUES", limit)
+    fresh = CompiledLabeling()
+    monkeypatch.setattr(handsoff_mod, "COMPILED", fresh)
+    fp32 = lab.label(batch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = lab.label(batch, compiled=True)
+    if fresh.failed is not None:
+        pytest.skip(f"torch.compile unavailable here: {fresh.failed}")
+    assert fresh._warm  # labelled by the compiled pass
+    assert (mixed.label == fp32.label).float().mean() >= 0.99
+    assert (mixed.uncertainty - fp32.uncertainty).abs().max() <= 0.02
