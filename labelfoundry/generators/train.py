@@ -41,7 +41,7 @@ class GeneratorTrainConfig(BaseModel):
         None, description="cosine ramp-down of both learning rates from this kimg to `lr * lr_final` at total_kimg "
         "(None: constant). Set on every step, so a resumed run picks up a schedule its checkpoint never had.")
     lr_final: float = Field(0.1, gt=0, le=1, description="the ramp-down's last multiplier of lr")
-    r1_gamma: float | None = Field(None, description="None: 0.0002 * res^2 / batch (the ADA heuristic)")
+    r1_gamma: float | None = Field(None, ge=0, description="None: 0.0002 * res^2 / batch (the ADA heuristic)")
     r1_interval: int = 16
     style_mixing: float = 0.9
     ema_kimg: float = 10.0
