@@ -119,6 +119,30 @@ def test_fit_and_label_end_to_end(tmp_path, G, batch):
     assert torch.equal(back.label(GenBatch(ws, img, taps)).label, out2.label)
 
 
+def test_tile_size_follows_precision_unless_set(G, batch):
+    """tile_pixels None: 1024 px in fp32, bf16 tiles sized to ~2M first-layer values (never fewer
+    than 1024 px), at least 64k px on CUDA; an explicit size is kept. The tiling never changes the
+    labels, in either precision."""
+    ws, img, taps = batch
+    cfg = HandsOffConfig(members=2, hidden=(8, 4), min_steps=5, pixels_per_image=64)
+    lab = HandsOffLabeler.fit(G, fit_data(_masks(img), 3, latents=ws), cfg)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert lab._tile_pixels(cpu, torch.float32) == 1024
+    assert lab._tile_pixels(cpu, torch.bfloat16) == 2**21 // 16
+    assert lab._tile_pixels(cuda, torch.bfloat16) == 65536
+    wide = HandsOffLabeler(HandsOffConfig(members=10, hidden=(256, 32)), lab.tap_channels, lab.resolution, lab.num_outputs)
+    assert wide._tile_pixels(cpu, torch.bfloat16) == 1024  # 2^21 / 2560 is under the floor
+    for dtype in (torch.float32, torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            lab.cfg.tile_pixels = None
+            auto = lab.label(GenBatch(ws, img, taps))
+            lab.cfg.tile_pixels = 64  # two rows of 32 per tile
+            assert lab._tile_pixels(cpu, dtype) == 64
+            tiled = lab.label(GenBatch(ws, img, taps))
+        assert torch.equal(auto.label, tiled.label)
+        assert torch.allclose(auto.uncertainty, tiled.uncertainty, atol=1e-6 if dtype == torch.float32 else 1e-2)
+
+
 def test_labeling_plan_is_reused_until_the_weights_change(G, batch):
     """The folded weights are cached across label() calls, and rebuilt after any in-place write
     (an optimiser step, load_state_dict): the labels always follow the current weights."""
