@@ -4,7 +4,8 @@
     python bench/generator_quality.py --snapshots training/toyfaces-64   # every generator-*k.safetensors
 
 Prints one JSON line per generator, the last one for the last generator: fd, fd_real (real vs disjoint
-real), precision and recall (k-NN manifolds, k = 3), rare_rate and domain_rate per rare class,
+real), precision and recall (k-NN manifolds, k = 3) with precision_real / recall_real (real vs
+disjoint real: the metric's ceiling at this n), rare_rate and domain_rate per rare class,
 head_size_std_ratio, kimg. The scorer is trained once per spec and cached under --cache, so a model
 always gets the same numbers. Definitions: labelfoundry/generator_quality.py.
 """

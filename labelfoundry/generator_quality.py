@@ -4,7 +4,8 @@ Inception features mean little on toy faces and need downloads, so every figure 
 the eyes of our own *scorer*: a small part segmenter trained on real renders. Its pooled mid-level
 features give the Fréchet distance and the k-NN manifold precision/recall of Kynkäänniemi et al.
 (2019); its predictions give the rate at which generated faces carry each rare part and the spread
-of the head's area. Real-vs-disjoint-real FD is reported beside it as the scale of "as good as real".
+of the head's area. Real-vs-disjoint-real FD, precision and recall are reported beside them as the
+scale of "as good as real" (k-NN recall between two finite real sets is well below 1).
 """
 
 from __future__ import annotations
@@ -167,6 +168,7 @@ def generator_quality(G, scorer: Segmenter, n: int = 2000, k: int = 3, min_fract
     f_real2, _ = scorer_outputs(scorer, uint8_to_tensor(real2_img))
     f_fake, p_fake = scorer_outputs(scorer, fake)
     precision, recall = knn_precision_recall(f_real, f_fake, k=k)
+    precision_real, recall_real = knn_precision_recall(f_real, f_real2, k=k)
     rare_rate, domain_rate, scorer_rate_real = {}, {}, {}
     for name in toyfaces.RARE_CLASSES:
         c = toyfaces.CLASSES.index(name)
@@ -180,6 +182,8 @@ def generator_quality(G, scorer: Segmenter, n: int = 2000, k: int = 3, min_fract
         "fd_real": frechet_distance(f_real, f_real2),
         "precision": precision,
         "recall": recall,
+        "precision_real": precision_real,
+        "recall_real": recall_real,
         "rare_rate": rare_rate,
         "domain_rate": domain_rate,
         "scorer_rate_on_real": scorer_rate_real,

@@ -30,7 +30,7 @@ from .handsoff_compiled import COMPILED
 
 Task = Literal["segmentation", "keypoints", "depth"]
 _GPU_TILE_PIXELS = 65536  # on CUDA, whole images up to 256^2 per tile: fewer, larger kernels
-_CPU_TILE_PIXELS = 1024  # fp32 on CPU: fastest at 64² and 256², 3 x 128 and 10 x 256 alike (measured)
+_CPU_TILE_PIXELS = 1024  # fp32 on CPU: at or near the fastest tile measured at 64² and 256² (larger tiles gain nothing reliably)
 _BF16_TILE_VALUES = 2**21  # bf16 on CPU: first-layer values per tile; bf16 GEMMs are ~3x faster, so
 # small tiles leave the per-op overhead in charge (64², 3 x 128: a whole image per tile labels 0.80x the time of 1024 px)
 
