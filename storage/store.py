@@ -33,6 +33,7 @@ import logging
 import os
 import platform
 import shutil
+import threading
 import uuid
 import weakref
 from typing import Any, Mapping
@@ -84,6 +85,7 @@ class ShardStore:
         self._write_arrays: dict[str, Any] | None = None
         self._staged: dict[str, Any] | None = None  # zarrs-encoded staging arrays (see writer)
         self._staging: str | None = None  # their directory under the root
+        self._staging_lock = threading.Lock()  # threads sharing this object open one staging copy
         self._reader: SampleReader | None = None
         self._fast_reader: SampleReader | None = None  # read-back of zarrs-written shards
 
@@ -268,10 +270,10 @@ class ShardStore:
         # all-background label would read as a missing chunk): such shards go through zarr-python
         fast = self.resolved_writer() == "zarrs" and not any(
             (a.reshape(len(a), -1) == 0).all(axis=1).any() for a in arrays.values())
-        target = self._arrays_for_write()
+        target, staging = self._arrays_for_write(), ""
         if fast:
             try:
-                target = self._staged_arrays()
+                staging, target = self._staged_arrays()
             except Exception as exc:  # noqa: BLE001 - e.g. a zarrs release that does not fit this zarr
                 if self.writer == "zarrs":
                     raise
@@ -282,7 +284,7 @@ class ShardStore:
             with self._root.writing(key), (zarrs_disk_full_as_oserror() if fast else contextlib.nullcontext()):
                 target[name][rng.start : rng.stop] = data  # one whole-shard write per array
                 if fast:  # zarrs wrote it in place, in the private staging copy: publish it by a rename
-                    self._root.publish(self._staging + key[len(DATA_DIR):], key)
+                    self._root.publish(staging + key[len(DATA_DIR):], key)
 
         if verify_readback:
             self._readback(index, checksums, fast)
@@ -319,17 +321,20 @@ class ShardStore:
             self._write_arrays = open_arrays(self._root, self._layout, writable=True)
         return self._write_arrays
 
-    def _staged_arrays(self) -> dict[str, Any]:
-        """zarrs-encoded arrays in a staging directory private to this store object (threads and
-        processes writing one dataset never share one), removed with the object."""
-        if self._staged is None:
-            self._remove_stale_staging()
-            staging = f"{STAGING_PREFIX}{platform.node()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            weakref.finalize(self, shutil.rmtree, self._root.key(staging), True)
-            mark_started("zarrs")
-            self._staged = open_staging_arrays(self._root, self._layout, staging)
-            self._staging = staging
-        return self._staged
+    def _staged_arrays(self) -> tuple[str, dict[str, Any]]:
+        """(directory, arrays): zarrs-encoded arrays in a staging directory private to this store
+        object, removed with it. Processes (and pickled copies) never share one; threads writing
+        through one object share it, each shard its own files. Opened once under a lock: two
+        threads racing here would each open a copy and publish from the other's (a lost shard file)."""
+        with self._staging_lock:
+            if self._staged is None:
+                self._remove_stale_staging()
+                staging = f"{STAGING_PREFIX}{platform.node()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+                weakref.finalize(self, shutil.rmtree, self._root.key(staging), True)
+                mark_started("zarrs")
+                self._staged = open_staging_arrays(self._root, self._layout, staging)
+                self._staging = staging
+            return self._staging, self._staged
 
     def _remove_stale_staging(self) -> None:
         """Delete staging directories left by processes of this host that died before cleaning up
@@ -451,7 +456,14 @@ class ShardStore:
         state = self.__dict__.copy()
         state["_write_arrays"] = None
         state["_reader"] = None
+        # the staging copy belongs to this object (its finalizer removes it): a copy opens its own
+        state["_staged"] = state["_staging"] = None
+        del state["_staging_lock"]
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._staging_lock = threading.Lock()
 
 
 def _check_same(root: Root, requested: Layout, existing: Layout) -> None:
