@@ -318,6 +318,10 @@ def test_concurrent_writers_and_pickling(url):
     with ThreadPoolExecutor(3) as pool:  # one writer per shard, several at once, on one store object
         list(pool.map(write, range(store.num_shards)))
     assert store.committed_shards() == list(range(5)) and verify(url).ok
+    again = pickle.loads(pickle.dumps(clone))  # after writing: the copy opens its own staging, if any
+    assert again._staged is None and again._staging is None
+    again.write_shard(0, *make_samples(again, 0), overwrite=True)
+    assert verify(url).ok
     ds = open_dataset(url).dataset() if _has_torch() else None
     if ds is not None:
         ds[0]
