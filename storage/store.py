@@ -83,8 +83,8 @@ class ShardStore:
         self.info = info
         self.mode = mode
         self._write_arrays: dict[str, Any] | None = None
-        self._staged: dict[str, Any] | None = None  # zarrs-encoded staging arrays (see writer)
-        self._staging: str | None = None  # their directory under the root
+        # zarrs-encoded staging arrays and their directory under the root (see writer)
+        self._staged: tuple[str, dict[str, Any]] | None = None
         self._staging_lock = threading.Lock()  # threads sharing this object open one staging copy
         self._reader: SampleReader | None = None
         self._fast_reader: SampleReader | None = None  # read-back of zarrs-written shards
@@ -332,9 +332,8 @@ class ShardStore:
                 staging = f"{STAGING_PREFIX}{platform.node()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
                 weakref.finalize(self, shutil.rmtree, self._root.key(staging), True)
                 mark_started("zarrs")
-                self._staged = open_staging_arrays(self._root, self._layout, staging)
-                self._staging = staging
-            return self._staging, self._staged
+                self._staged = staging, open_staging_arrays(self._root, self._layout, staging)
+            return self._staged
 
     def _remove_stale_staging(self) -> None:
         """Delete staging directories left by processes of this host that died before cleaning up
@@ -457,7 +456,7 @@ class ShardStore:
         state["_write_arrays"] = None
         state["_reader"] = None
         # the staging copy belongs to this object (its finalizer removes it): a copy opens its own
-        state["_staged"] = state["_staging"] = None
+        state["_staged"] = None
         del state["_staging_lock"]
         return state
 

@@ -289,7 +289,8 @@ def test_disk_full_in_the_zarrs_encoder_is_a_disk_full_error(tmp_path):
         def __setitem__(self, key, value):
             raise RuntimeError("failed to store chunk: No space left on device (os error 28)")
 
-    store._staged = dict.fromkeys(store._staged_arrays()[1], Full())
+    staging, arrays = store._staged_arrays()
+    store._staged = staging, dict.fromkeys(arrays, Full())
     with pytest.raises(storage.DiskFullError, match=r"image/c/1/0/0/0.*free space"):
         store.write_shard(1, samples, rows)
     assert store.committed_shards() == []
