@@ -6,13 +6,15 @@
 Prints one JSON line per generator, the last one for the last generator: fd, fd_real (real vs disjoint
 real), precision and recall (k-NN manifolds, k = 3) with precision_real / recall_real (real vs
 disjoint real: the metric's ceiling at this n), rare_rate and domain_rate per rare class,
-head_size_std_ratio, kimg. The scorer is trained once per spec and cached under --cache, so a model
+head_size_std_ratio, kimg, and calibration (the same figures for real images with 4/255 of noise, a
+0.5-px blur, or half the hair styles dropped: the scale to read them on). The scorer is trained once per spec and cached under --cache, so a model
 always gets the same numbers. Definitions: labelfoundry/generator_quality.py.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -30,6 +32,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=2000, help="images per set (>= 2,000 for the published figures)")
     ap.add_argument("--k", type=int, default=3)
     ap.add_argument("--scorer-steps", type=int, default=1500)
+    ap.add_argument("--clean-scorer", action="store_true",
+                    help="the scorer trained on clean renders only (the figures before 2026-12-04's robust scorer)")
     ap.add_argument("--cache", type=Path, default=Path("runs/generator-quality"))
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
@@ -41,7 +45,10 @@ def main() -> None:
         gens = ["toyfaces-64"]
     t0 = time.time()
     first = load_networks(gens[0]).G
-    scorer = train_scorer(ScorerSpec(resolution=first.resolution, steps=args.scorer_steps), args.cache)
+    spec = ScorerSpec(resolution=first.resolution, steps=args.scorer_steps)
+    if args.clean_scorer:
+        spec = dataclasses.replace(spec, blur_sigma=0.0, pixel_noise=0.0)
+    scorer = train_scorer(spec, args.cache)
     for name in gens:
         t = time.time()
         nets = load_networks(name)

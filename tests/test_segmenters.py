@@ -212,6 +212,29 @@ def test_hflip_opt_in_swaps_left_right_classes():
     assert flipped[1].tolist() == [[[1, 0, 0, 2], [1, 0, 255, 2]]]
 
 
+def test_blur_and_noise_leave_labels_and_stay_in_range():
+    g = torch.Generator().manual_seed(0)
+    x = torch.zeros(64, 3, 16, 16)
+    x[..., 8:] = 1.0  # a vertical edge
+    label = torch.zeros(64, 16, 16, dtype=torch.int64)
+    label[..., 8:] = 1
+    targets = {"label": label.clone()}
+    out = augment_batch(x, targets, "segmentation", g, blur_sigma=1.0)
+    assert torch.equal(targets["label"], label)  # degradations never touch the labels
+    blurred = ~(out == x).all(dim=(1, 2, 3))
+    assert 16 <= int(blurred.sum()) <= 48  # about half the samples
+    assert torch.equal(out[~blurred], x[~blurred])
+    edge = out[blurred][..., 0, 8, 7]  # the pixel left of the edge takes some of its right neighbour
+    assert bool((edge > 0).all()) and bool((edge < 0.5).all())
+    noisy = augment_batch(x, {"label": label.clone()}, "segmentation", g, pixel_noise=0.1)
+    assert noisy.min() >= -1 and noisy.max() <= 1
+    resid = (noisy - x)[..., :8]  # away from the clamp at +1
+    std = resid.flatten(1).std(1)
+    assert float(std.max()) <= 0.12 and float(std.mean()) > 0.03  # per-sample std drawn in [0, 0.1]
+    again = augment_batch(x, {"label": label.clone()}, "segmentation", torch.Generator().manual_seed(0), blur_sigma=1.0)
+    assert torch.equal(again, out)  # the generator decides everything
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="AMP runs on CUDA only")
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_amp_on_cuda(amp, tmp_path):

@@ -53,8 +53,9 @@ def split_seeds(split: str, n: int, offset: int = 0) -> list[int]:
     return [base + offset + i for i in range(n)]
 
 
-def _params(seed: int) -> dict[str, np.ndarray]:
-    """Draw one face's parameters; the order of draws is fixed, so adding fields goes at the end."""
+def face_params(seed: int) -> dict[str, np.ndarray]:
+    """One face's parameters (position, shape, colours, hair style, accessories), a function of its
+    seed alone. The order of draws is fixed, so adding fields goes at the end."""
     r = np.random.default_rng(seed)
     u = r.uniform
     p: dict[str, np.ndarray] = {}
@@ -128,7 +129,7 @@ def render(
     if style not in ("photo", "flat"):
         raise ValueError(f"unknown style {style!r}; choose 'photo' or 'flat'")
     flat = style == "flat"
-    P = _stack([_params(int(s)) for s in seeds], device)
+    P = _stack([face_params(int(s)) for s in seeds], device)
     B, R = len(seeds), resolution
     px = 2.0 / R  # size of one pixel in normalised coordinates
     lin = (torch.arange(R, device=device, dtype=torch.float32) + 0.5) * px - 1.0

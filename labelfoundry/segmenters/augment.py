@@ -1,4 +1,5 @@
-"""Simple opt-in batch augmentation: horizontal flip (with left/right relabelling) and jitter.
+"""Simple opt-in batch augmentation: horizontal flip (with left/right relabelling), colour jitter,
+and pixel-level degradations (Gaussian blur, additive noise).
 
 Horizontal flips are *off by default* because they corrupt left/right-sensitive labels
 (left eye vs right eye, left wrist vs right wrist). Enable them only together with a
@@ -8,6 +9,7 @@ to its mirror, or when the label set has no left/right distinction.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -40,6 +42,8 @@ def augment_batch(
     hflip: bool = False,
     flip_permutation: Sequence[int] | None = None,
     color_jitter: float = 0.0,
+    blur_sigma: float = 0.0,
+    pixel_noise: float = 0.0,
 ) -> torch.Tensor:
     """Augment a prepared batch; ``targets`` is modified in place, the new x is returned.
 
@@ -51,6 +55,10 @@ def augment_batch(
         flip_permutation: mirror map for class ids / heatmap channels (None = identity).
         color_jitter: j >= 0; per-sample contrast factor in [1-j, 1+j] and brightness shift
             in [-j, j] (in [-1, 1] units), result clamped to [-1, 1].
+        blur_sigma: s > 0; half the samples get a Gaussian blur of sigma uniform in [0.2, s] pixels.
+        pixel_noise: a > 0; each sample gets i.i.d. Gaussian noise of std uniform in [0, a] ([-1, 1] units).
+            The two teach a network (the generator-quality scorer) to look past pixel-level differences
+            no viewer sees: trained on clean renders only, its features treat 4/255 of noise as a new domain.
     """
     n = x.shape[0]
     if hflip:
@@ -64,4 +72,18 @@ def augment_batch(
         b = (torch.rand(n, 1, 1, 1, generator=generator) * 2 - 1) * color_jitter
         mean = x.mean(dim=(1, 2, 3), keepdim=True)
         x = ((x - mean) * c.to(x.device) + mean + b.to(x.device)).clamp(-1, 1)
+    if blur_sigma > 0:
+        sel = (torch.rand(n, generator=generator) < 0.5).to(x.device)
+        sigma = 0.2 + torch.rand(n, generator=generator) * max(blur_sigma - 0.2, 0.0)
+        if bool(sel.any()):
+            from kornia.filters import gaussian_blur2d
+
+            k = 2 * math.ceil(3 * blur_sigma) + 1
+            s = sigma.to(x.device, torch.float32)[sel]
+            x = x.clone()
+            x[sel] = gaussian_blur2d(x[sel], (k, k), torch.stack([s, s], 1), border_type="reflect")
+    if pixel_noise > 0:
+        std = (torch.rand(n, 1, 1, 1, generator=generator) * pixel_noise).to(x.device, x.dtype)
+        noise = torch.randn(x.shape, generator=generator).to(x.device, x.dtype)
+        x = (x + std * noise).clamp(-1, 1)
     return x

@@ -62,6 +62,8 @@ class TrainConfig(BaseModel):
         None, description="class-id / heatmap-channel mirror map applied when flipping"
     )
     color_jitter: float = Field(0.0, ge=0)
+    blur_sigma: float = Field(0.0, ge=0, description="half the samples blurred with sigma in [0.2, this] px (0: off)")
+    pixel_noise: float = Field(0.0, ge=0, description="additive Gaussian noise, std in [0, this] per sample (0: off)")
     num_workers: int = Field(0, ge=0)
     seed: int = Field(0, description="seeds data order and augmentation")
     log_every: int = Field(50, ge=1)
@@ -177,6 +179,7 @@ def train_step(
     x = augment_batch(
         x, targets, task, aug_gen, hflip=cfg.hflip,
         flip_permutation=cfg.flip_permutation, color_jitter=cfg.color_jitter,
+        blur_sigma=cfg.blur_sigma, pixel_noise=cfg.pixel_noise,
     )
     if cfg.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
