@@ -325,6 +325,7 @@ def train_generator_cmd(
                                              "(a kept snapshot or the shipped asset); fresh optimisers"),
     r1_gamma: Optional[float] = typer.Option(None, help="D's R1 penalty weight (default: 0.0002 * res^2 / batch, "
                                              "the ADA heuristic: 0.0256 at 64², batch 32)"),
+    mbstd_group: int = typer.Option(4, help="D's minibatch-std group size (samples whose spread D sees together)"),
 ) -> None:
     """Train the built-in StyleGAN2 on toy faces (resumes from <out>/checkpoint.pt)."""
     import shutil
@@ -337,7 +338,8 @@ def train_generator_cmd(
     from labelfoundry.generators.train import GeneratorTrainConfig, train_generator
 
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    cfg = GeneratorTrainConfig(total_kimg=kimg, lr=lr, lr_decay_from_kimg=lr_decay_from, lr_final=lr_final, r1_gamma=r1_gamma)
+    cfg = GeneratorTrainConfig(total_kimg=kimg, lr=lr, lr_decay_from_kimg=lr_decay_from, lr_final=lr_final, r1_gamma=r1_gamma,
+                               mbstd_group=mbstd_group)
     with Progress(TextColumn("[bold]G training"), BarColumn(), TextColumn("{task.fields[info]}"), TimeRemainingColumn()) as bar:
         t = bar.add_task("train", total=kimg, info="")
 

@@ -112,3 +112,24 @@ def test_warm_start_from_an_exported_snapshot(tmp_path, one_thread):
     other = TINY.model_copy(update={"channel_max": 8})
     with pytest.raises(ValueError, match="does not match this training configuration"):
         init_from_export(build_state(other, DEV), exported, other)
+
+
+def test_mbstd_group_sets_which_samples_d_compares(tmp_path, one_thread):
+    """`mbstd_group` reaches D: with groups of 4 a sample's logit depends on the other three, with
+    groups of 1 it does not; and a warm start may change it (the layer holds no weights)."""
+    x = torch.randn(4, 3, 16, 16)
+    y = x.clone()
+    y[1:] = torch.randn(3, 3, 16, 16)
+    for group, depends in ((4, True), (1, False)):
+        D = build_state(TINY.model_copy(update={"mbstd_group": group}), DEV).D
+        with torch.no_grad():
+            moved = not torch.allclose(D(x)[0], D(y)[0])
+        assert moved == depends, group
+    st = build_state(TINY, DEV)
+    save_state(st, TINY, tmp_path / "a")
+    wide = TINY.model_copy(update={"mbstd_group": 2})
+    warm = build_state(wide, DEV)
+    init_from_export(warm, tmp_path / "a" / "generator.safetensors", wide)
+    assert warm.D.b4.mbstd.group_size == 2
+    for a, b in zip(warm.D.state_dict().values(), st.D.state_dict().values()):
+        assert torch.equal(a, b)

@@ -35,6 +35,8 @@ class GeneratorTrainConfig(BaseModel):
     channel_base: int = 2048
     channel_max: int = 128
     d_channel_base: int = 1024
+    mbstd_group: int = Field(4, ge=1, description="D's minibatch-std group: samples whose spread D sees together "
+                             "(StyleGAN2 4; ADA's CIFAR setting 32). Holds no weights, so a warm start may change it")
     batch: int = 32
     lr: float = 0.0025
     lr_decay_from_kimg: float | None = Field(
@@ -121,7 +123,8 @@ def build_state(cfg: GeneratorTrainConfig, dev: torch.device) -> GANState:
         resolution=cfg.resolution, z_dim=cfg.z_dim, w_dim=cfg.w_dim, map_layers=cfg.map_layers,
         channel_base=cfg.channel_base, channel_max=cfg.channel_max,
     )
-    dcfg = DiscriminatorConfig(resolution=cfg.resolution, channel_base=cfg.d_channel_base, channel_max=cfg.channel_max)
+    dcfg = DiscriminatorConfig(resolution=cfg.resolution, channel_base=cfg.d_channel_base, channel_max=cfg.channel_max,
+                               mbstd_group_size=cfg.mbstd_group)
     torch.manual_seed(cfg.seed)
     G, D = Generator(gcfg).to(dev), Discriminator(dcfg).to(dev)
     G_ema = copy.deepcopy(G).eval().requires_grad_(False)
