@@ -55,7 +55,7 @@ def augment_batch(
         flip_permutation: mirror map for class ids / heatmap channels (None = identity).
         color_jitter: j >= 0; per-sample contrast factor in [1-j, 1+j] and brightness shift
             in [-j, j] (in [-1, 1] units), result clamped to [-1, 1].
-        blur_sigma: s > 0; half the samples get a Gaussian blur of sigma uniform in [0.2, s] pixels.
+        blur_sigma: s > 0; half the samples get a Gaussian blur of sigma uniform in [min(0.2, s), s] pixels.
         pixel_noise: a > 0; each sample gets i.i.d. Gaussian noise of std uniform in [0, a] ([-1, 1] units).
             The two teach a network (the generator-quality scorer) to look past pixel-level differences
             no viewer sees: trained on clean renders only, its features treat 4/255 of noise as a new domain.
@@ -74,7 +74,8 @@ def augment_batch(
         x = ((x - mean) * c.to(x.device) + mean + b.to(x.device)).clamp(-1, 1)
     if blur_sigma > 0:
         sel = (torch.rand(n, generator=generator) < 0.5).to(x.device)
-        sigma = 0.2 + torch.rand(n, generator=generator) * max(blur_sigma - 0.2, 0.0)
+        lo = min(0.2, blur_sigma)
+        sigma = lo + torch.rand(n, generator=generator) * (blur_sigma - lo)
         if bool(sel.any()):
             from kornia.filters import gaussian_blur2d
 
