@@ -325,7 +325,8 @@ def train_generator_cmd(
                                              "(a kept snapshot or the shipped asset); fresh optimisers"),
     r1_gamma: Optional[float] = typer.Option(None, help="D's R1 penalty weight (default: 0.0002 * res^2 / batch, "
                                              "the ADA heuristic: 0.0256 at 64², batch 32)"),
-    mbstd_group: int = typer.Option(4, help="D's minibatch-std group size (samples whose spread D sees together)"),
+    mbstd_group: int = typer.Option(4, help="D's minibatch-std group size (samples whose spread D sees together); "
+                                    "like --r1-gamma, give it again when resuming"),
 ) -> None:
     """Train the built-in StyleGAN2 on toy faces (resumes from <out>/checkpoint.pt)."""
     import shutil
