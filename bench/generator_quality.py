@@ -6,10 +6,11 @@
 Prints one JSON line per generator, the last one for the last generator: fd, fd_real (real vs disjoint
 real), precision and recall (k-NN manifolds, k = 3) with precision_real / recall_real (real vs
 disjoint real: the metric's ceiling at this n), rare_rate and domain_rate per rare class,
-head_size_std_ratio, kimg, and calibration (the same figures for real images with 4/255 of noise, a
-0.5-px blur, or half the hair styles dropped: the scale to read them on). The scorer is trained once
-per spec and cached under --cache, so a model always gets the same numbers. Definitions:
-labelfoundry/generator_quality.py.
+head_size_std_ratio, kimg, rare_recall (per rare class: the share of real faces with it that the
+generated manifold covers; rare_recall_real its real-vs-real ceiling), and calibration (the same
+figures for real images with 4/255 of noise, a 0.5-px blur, or half the hair styles dropped: the
+scale to read them on). The scorer is trained once per spec and cached under --cache, so a model
+always gets the same numbers. Definitions: labelfoundry/generator_quality.py.
 """
 
 from __future__ import annotations

@@ -72,15 +72,20 @@ def knn_precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3) -> tupl
     each real sample reaching its k-th real neighbour); recall: fraction of real samples inside the
     generated manifold. Identical sets give (1, 1); disjoint, far-apart sets give (0, 0).
     """
+    fake_in, real_in = knn_membership(real, fake, k)
+    return float(fake_in.mean()), float(real_in.mean())
+
+
+def knn_membership(real: np.ndarray, fake: np.ndarray, k: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """Per sample, the two halves of `knn_precision_recall`: (is each generated sample inside the real
+    manifold, is each real sample inside the generated manifold), bool arrays."""
     real = np.ascontiguousarray(real, np.float32)
     fake = np.ascontiguousarray(fake, np.float32)
     if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
         raise ValueError(f"feature sets must be (N, D) with one D; got {real.shape} and {fake.shape}")
     if min(len(real), len(fake)) <= k:
         raise ValueError(f"need more than k={k} samples in each set; got {len(real)} real, {len(fake)} generated")
-    precision = _covered(fake, real, _knn_radii(real, k)).mean()
-    recall = _covered(real, fake, _knn_radii(fake, k)).mean()
-    return float(precision), float(recall)
+    return _covered(fake, real, _knn_radii(real, k)), _covered(real, fake, _knn_radii(fake, k))
 
 
 @dataclass(frozen=True)
@@ -202,26 +207,30 @@ def generator_quality(G, scorer: Segmenter, n: int = 2000, k: int = 3, min_fract
     real2 = uint8_to_tensor(real2_img)
     f_real2, _ = scorer_outputs(scorer, real2)
     f_fake, p_fake = scorer_outputs(scorer, fake)
-    precision, recall = knn_precision_recall(f_real, f_fake, k=k)
-    precision_real, recall_real = knn_precision_recall(f_real, f_real2, k=k)
-    rare_rate, domain_rate, scorer_rate_real = {}, {}, {}
+    fake_in, real_covered = knn_membership(f_real, f_fake, k=k)
+    real2_in, real_covered_by_real2 = knn_membership(f_real, f_real2, k=k)
+    rare_rate, domain_rate, scorer_rate_real, rare_recall, rare_recall_real = {}, {}, {}, {}, {}
     for name in toyfaces.RARE_CLASSES:
         c = toyfaces.CLASSES.index(name)
         rare_rate[name] = float(presence(p_fake, c, min_fraction).mean())
         domain_rate[name] = float(has[name].mean())
         scorer_rate_real[name] = float(presence(p_real, c, min_fraction).mean())
+        rare_recall[name] = float(real_covered[has[name]].mean()) if has[name].any() else None
+        rare_recall_real[name] = float(real_covered_by_real2[has[name]].mean()) if has[name].any() else None
     return {
         "kimg": kimg,
         "n": n,
         "fd": frechet_distance(f_real, f_fake),
         "fd_real": frechet_distance(f_real, f_real2),
-        "precision": precision,
-        "recall": recall,
-        "precision_real": precision_real,
-        "recall_real": recall_real,
+        "precision": float(fake_in.mean()),
+        "recall": float(real_covered.mean()),
+        "precision_real": float(real2_in.mean()),
+        "recall_real": float(real_covered_by_real2.mean()),
         "rare_rate": rare_rate,
         "domain_rate": domain_rate,
         "scorer_rate_on_real": scorer_rate_real,
+        "rare_recall": rare_recall,  # of the real faces with the part, the share inside the generated manifold
+        "rare_recall_real": rare_recall_real,  # the same for disjoint real faces: its ceiling
         "head_size_std_ratio": float(head_fraction(p_fake).std() / head_fraction(p_real).std()),
         "calibration": calibration(scorer, f_real, real2, f_real2, real2_seeds, k),
     }

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from labelfoundry.generator_quality import frechet_distance, head_fraction, knn_precision_recall, presence
+from labelfoundry.generator_quality import frechet_distance, head_fraction, knn_membership, knn_precision_recall, presence
 
 
 def _blob(rng, n, centre, d=8, scale=1.0):
@@ -33,6 +33,18 @@ def test_mode_collapse_keeps_precision_and_halves_recall():
     p, r = knn_precision_recall(real, collapsed, k=3)
     assert abs(p - p_fresh) < 0.1
     assert r == pytest.approx(r_fresh / 2, abs=0.1)
+
+
+def test_membership_names_the_real_mode_left_uncovered():
+    """Per-sample membership says which real samples the generated set misses (the rare-part recall
+    reads it per class), and its means are precision and recall."""
+    rng = np.random.default_rng(3)
+    real = np.concatenate([_blob(rng, 300, 0.0), _blob(rng, 100, 50.0)])  # a common and a rare mode
+    collapsed = _blob(rng, 400, 0.0)
+    fake_in, real_in = knn_membership(real, collapsed, k=3)
+    assert fake_in.shape == (400,) and real_in.shape == (400,)
+    assert real_in[:300].mean() > 0.5 and real_in[300:].mean() == 0.0  # the rare mode: none covered
+    assert (float(fake_in.mean()), float(real_in.mean())) == knn_precision_recall(real, collapsed, k=3)
 
 
 def test_precision_recall_rejects_mismatched_features():
