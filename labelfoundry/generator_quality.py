@@ -102,6 +102,7 @@ class ScorerSpec:
     pixel_noise: float = 0.04  # (5/255); 0 and 0 give the clean-render scorer of the earlier figures
 
     def key(self) -> str:
+        # augmentation fields enter the key only when on, so clean scorers cached before they existed keep their key
         d = {k: v for k, v in self.__dict__.items() if not (k in ("blur_sigma", "pixel_noise") and v == 0)}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -159,7 +160,7 @@ def calibration(scorer: Segmenter, f_real: np.ndarray, real2: torch.Tensor, f_re
                 k: int) -> dict:
     """FD, precision and recall of disjoint real images changed in known ways, against `f_real`:
     the scale on which to read a generator's figures (which changes the metric forgives, which it sees)."""
-    import torchvision.transforms.functional as TF
+    from kornia.filters import gaussian_blur2d  # the blur the scorer's training augmentation uses
 
     g = torch.Generator().manual_seed(0)
     noisy = (real2 + (4 / 127.5) * torch.randn(real2.shape, generator=g)).clamp(-1, 1)
@@ -167,7 +168,7 @@ def calibration(scorer: Segmenter, f_real: np.ndarray, real2: torch.Tensor, f_re
     keep = np.resize(np.flatnonzero(styles < 2), len(real2))  # short and medium hair only, as many images
     return {
         "noise_4of255": _fd_precision_recall(f_real, scorer_outputs(scorer, noisy)[0], k),
-        "blur_0.5px": _fd_precision_recall(f_real, scorer_outputs(scorer, TF.gaussian_blur(real2, 5, 0.5))[0], k),
+        "blur_0.5px": _fd_precision_recall(f_real, scorer_outputs(scorer, gaussian_blur2d(real2, (5, 5), (0.5, 0.5), border_type="reflect"))[0], k),
         "half_hair_styles": _fd_precision_recall(f_real, f_real2[keep], k),
     }
 

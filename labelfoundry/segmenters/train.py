@@ -62,7 +62,8 @@ class TrainConfig(BaseModel):
         None, description="class-id / heatmap-channel mirror map applied when flipping"
     )
     color_jitter: float = Field(0.0, ge=0)
-    blur_sigma: float = Field(0.0, ge=0, description="half the samples blurred with sigma in [0.2, this] px (0: off)")
+    blur_sigma: float = Field(0.0, ge=0, description="half the samples blurred with sigma in "
+                              "[min(0.2, this), this] px (0: off)")
     pixel_noise: float = Field(0.0, ge=0, description="additive Gaussian noise, std in [0, this] per sample (0: off)")
     num_workers: int = Field(0, ge=0)
     seed: int = Field(0, description="seeds data order and augmentation")
