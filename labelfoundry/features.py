@@ -140,8 +140,23 @@ class _Group:
     small: bool = False
     lerp: tuple[torch.Tensor, ...] = ()  # large groups: horizontal weights, see TiledProjection.image
     chunk: int = 1  # low-res rows projected per step of the rolling band
-    cap: int = 0  # rows the band holds
+    cap: int = 0  # rows the band holds: the widest tile's source rows - 1 + chunk, at most res (see _roll)
+    off: int = 0  # small groups: first column of this group in the stacked vertical buffer
     src: tuple[torch.Tensor, ...] = ()  # low-res groups: interp_1d's i0, i1 (int64) and weight (fp32), for the compiled pass
+
+
+@dataclass
+class Workspace:
+    """Buffers of one labeling call, reused for every image and tile of it (allocated once per call,
+    freed with it): the output tile, each group's rolling band and where it stands, and the
+    vertically interpolated rows (large groups one at a time; the small ones side by side, so one
+    batched matmul upsamples them all horizontally)."""
+
+    buf: torch.Tensor  # (T*R, MH)
+    bands: list[torch.Tensor]  # per low group (cap, r, MH)
+    held: list[list[int]]  # per band: first row held, rows held
+    zbuf: torch.Tensor | None  # (T * max large r * MH,)
+    zc: torch.Tensor | None  # (T, sum small r, MH)
 
 
 class TiledProjection:
@@ -214,15 +229,30 @@ class TiledProjection:
                 as_w = lambda x: x.view(1, 1, h, 1).to(device=dev, dtype=dtype)  # noqa: E731
                 g.lerp = (as_w(-c[:h]), as_w(1 + c[:h]), as_w(1 - c[h:]), as_w(c[h:]))
             g.chunk = max(1, min(r, chunk_px // r))
-            g.cap = g.chunk + T // f + 3
+            g.cap = min(r, max(hi - lo for lo, hi, _ in g.ay) + g.chunk)
             self.low.append(g)
-        small = [g.res for g in self.low if g.small]
-        self.ax_small = torch.cat([interp_matrix(R, r) for r in small], dim=1).to(device=dev, dtype=dtype) if small else None
+        small = [g for g in self.low if g.small]
+        for g, off in zip(small, [0, *torch.tensor([g.res for g in small]).cumsum(0).tolist()]):
+            g.off = off
+        self.small_cols = sum(g.res for g in small)
+        self.large_res = max((g.res for g in self.low if not g.small), default=0)
+        self.ax_small = torch.cat([interp_matrix(R, g.res) for g in small], dim=1).to(device=dev, dtype=dtype) if small else None
+
+    def workspace(self, device: torch.device) -> Workspace:
+        """The buffers `image` needs, for one labeling call."""
+        T, R, MH, dt = self.T, self.R, self.mh, self.dtype
+        new = lambda *shape: torch.empty(*shape, device=device, dtype=dt)  # noqa: E731
+        return Workspace(
+            buf=new(T * R, MH), bands=[new(g.cap, g.res, MH) for g in self.low], held=[[0, 0] for _ in self.low],
+            zbuf=new(T * self.large_res * MH) if self.large_res else None,
+            zc=new(T, self.small_cols, MH) if self.small_cols else None,
+        )
 
     @torch.no_grad()
-    def image(self, taps: list[torch.Tensor], n: int) -> Iterator[tuple[int, int, torch.Tensor]]:
+    def image(self, taps: list[torch.Tensor], n: int, work: Workspace | None = None) -> Iterator[tuple[int, int, torch.Tensor]]:
         """First-layer pre-activations of image n, tile by tile: yields (y0, y1, h) with h
-        ((y1-y0)*R, MH) for output rows [y0, y1). h is a reused buffer: valid until the next tile."""
+        ((y1-y0)*R, MH) for output rows [y0, y1). h is a reused buffer: valid until the next tile.
+        `work`: buffers from `workspace`, to reuse across the images of one call (else fresh ones)."""
         got = [(t.shape[1], t.shape[-1]) for t in taps]
         if got != list(zip(self.tap_channels, self.tap_resolutions)):
             raise ValueError(f"taps (channels, resolution) {got} do not match the labeler's "
@@ -234,26 +264,27 @@ class TiledProjection:
             xs = [taps[i][n, :, a:b].reshape(taps[i].shape[1], -1) for i in g.idx]
             return (torch.cat(xs) if len(xs) > 1 else xs[0]).to(dt).t()
 
-        bands = [torch.empty(g.cap, g.res, MH, device=dev, dtype=dt) for g in self.low]
-        held = [[0, 0] for _ in self.low]  # per band: first row held, rows held
-        buf = torch.empty(T * R, MH, device=dev, dtype=dt)
+        work = work or self.workspace(dev)
+        for st in work.held:  # a new image: nothing held yet
+            st[0] = st[1] = 0
         for ti, y0 in enumerate(range(0, R, T)):
             y1 = min(R, y0 + T)
             t_rows, P = y1 - y0, (y1 - y0) * R
-            out = buf[:P]
+            out = work.buf[:P]
             if self.full is not None:
                 torch.addmm(self.bias, rows(self.full, y0, y1), self.full.wt, out=out)
             else:
                 out.copy_(self.bias.expand(P, -1))
             out3 = out.view(t_rows, R, MH)
-            zs_small = []
-            for g, band, st in zip(self.low, bands, held):
+            for g, band, st in zip(self.low, work.bands, work.held):
                 lo, hi, ay = g.ay[ti]
                 proj = self._roll(g, rows, band, st, lo, hi)
-                z = torch.mm(ay, proj.reshape(proj.shape[0], -1)).view(t_rows, g.res, MH)  # vertical
+                # vertical: the small groups' rows side by side in zc (mm writes a strided slice in place)
+                zdst = work.zc[:t_rows, g.off : g.off + g.res] if g.small else work.zbuf[: t_rows * g.res * MH].view(t_rows, g.res, MH)
+                torch.mm(ay, proj.reshape(proj.shape[0], -1), out=zdst.view(t_rows, -1))
                 if g.small:
-                    zs_small.append(z)
                     continue
+                z = zdst
                 h = R // g.res // 2
                 wm, wcl, wch, wp = g.lerp
                 out4 = out.view(t_rows, g.res, R // g.res, MH)
@@ -262,9 +293,8 @@ class TiledProjection:
                 out4[:, :-1, h:].addcmul_(zl, wch).addcmul_(zr, wp)
                 out4[:, 0, :h] += z[:, 0, None]  # image border: both neighbours clamp to one column
                 out4[:, -1, h:] += z[:, -1, None]
-            if zs_small:  # all small resolutions at once: (R, sum r) @ (sum r, MH) per row
-                zc = torch.cat(zs_small, dim=1) if len(zs_small) > 1 else zs_small[0]
-                out3.baddbmm_(self.ax_small.expand(t_rows, -1, -1), zc)
+            if self.small_cols:  # all small resolutions at once: (R, sum r) @ (sum r, MH) per row
+                out3.baddbmm_(self.ax_small.expand(t_rows, -1, -1), work.zc[:t_rows])
             yield y0, y1, out
 
     @staticmethod
@@ -277,9 +307,8 @@ class TiledProjection:
             start = a + cnt
             end = min(g.res, max(hi + 1, start + g.chunk))
             if end - a > g.cap:  # move the rows still needed to the front of the buffer
-                keep = start - lo
-                if keep:
-                    band[:keep].copy_(band[lo - a : lo - a + keep].clone())
+                for j in range(start - lo):  # row by row, front first: each source row is read before it is overwritten
+                    band[j].copy_(band[lo - a + j])
                 a = lo
             dst = band[start - a : end - a].view(-1, band.shape[-1])
             torch.mm(rows(g, start, end), g.wt, out=dst)

@@ -44,10 +44,16 @@ def test_factorized_first_layer_equals_naive_hypercolumn(G, batch):
     # the labeling path: per-image row tiles of any height, rolling bands of any chunk, projected
     # then upsampled (resolutions <= small_res by the matmul, larger ones by lerps)
     ch, res = [t.shape[1] for t in taps], [t.shape[-1] for t in taps]
+    # One workspace serves all four images, as in HandsOffLabeler.label: a band that kept the last
+    # image's rows (a whole low resolution fits in one chunk at chunk_px 512) would leak them into the next.
     for rows, chunk_px, small_res in ((1, 8, 16), (5, 40, 4), (3, 512, 8), (R, 512, 16)):
         tp = TiledProjection(proj.weight, proj.bias, ch, res, R, tile_rows=rows, chunk_px=chunk_px, small_res=small_res)
-        tiles = [torch.cat([h.clone().view(y1 - y0, R, -1) for y0, y1, h in tp.image(taps, n)]) for n in range(4)]
+        work = tp.workspace(taps[0].device)
+        tiles = [torch.cat([h.clone().view(y1 - y0, R, -1) for y0, y1, h in tp.image(taps, n, work)]) for n in range(4)]
         torch.testing.assert_close(torch.stack(tiles), naive, atol=1e-5, rtol=1e-5)
+        # each band holds no more rows than one tile needs plus one chunk (nor more than its resolution)
+        for g in tp.low:
+            assert g.cap == min(g.res, max(hi - lo + 1 for lo, hi, _ in g.ay) - 1 + g.chunk)
     # the fitting path (gather the features, then project) is the same function
     ys, xs = _all_pixels(4, R)
     grid = pixel_grid(ys, xs, R)

@@ -350,8 +350,9 @@ class HandsOffLabeler(nn.Module):
             score, top10 = image_scores(unc)
             return LabelBatch(label=label, uncertainty=unc, score=score, score_top10=top10)
         h2_buf = torch.empty(M, proj.T * R, self.net.h2, device=dev, dtype=proj.dtype)
+        work = proj.workspace(dev)  # one set of tile buffers for all n images
         for i in range(n):
-            for y0, y1, h in proj.image(taps, i):
+            for y0, y1, h in proj.image(taps, i, work):
                 h = h.relu_()
                 P = h.shape[0]
                 h2 = h2_buf[:, :P]
