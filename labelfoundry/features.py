@@ -157,6 +157,7 @@ class Workspace:
     held: list[list[int]]  # per band: first row held, rows held
     zbuf: torch.Tensor | None  # (T * max large r * MH,)
     zc: torch.Tensor | None  # (T, sum small r, MH)
+    xbuf: torch.Tensor  # the largest group's input rows of one GEMM, gathered from its taps in the compute dtype
 
 
 class TiledProjection:
@@ -246,6 +247,8 @@ class TiledProjection:
             buf=new(T * R, MH), bands=[new(g.cap, g.res, MH) for g in self.low], held=[[0, 0] for _ in self.low],
             zbuf=new(T * self.large_res * MH) if self.large_res else None,
             zc=new(T, self.small_cols, MH) if self.small_cols else None,
+            xbuf=new(max(g.wt.shape[0] * (T * R if g is self.full else g.cap * g.res)
+                         for g in ([self.full] if self.full is not None else []) + self.low)),
         )
 
     @torch.no_grad()
@@ -262,7 +265,14 @@ class TiledProjection:
 
         def rows(g: _Group, a: int, b: int) -> torch.Tensor:  # rows [a, b) of image n: (pixels, C_g), a transposed view
             xs = [taps[i][n, :, a:b].reshape(taps[i].shape[1], -1) for i in g.idx]
-            return (torch.cat(xs) if len(xs) > 1 else xs[0]).to(dt).t()
+            if len(xs) == 1 and xs[0].dtype == dt:
+                return xs[0].t()
+            x = work.xbuf[: g.wt.shape[0] * xs[0].shape[1]].view(g.wt.shape[0], -1)
+            c = 0
+            for xi in xs:  # one pass per tap: the copy converts the dtype too
+                x[c : c + xi.shape[0]].copy_(xi)
+                c += xi.shape[0]
+            return x.t()
 
         work = work or self.workspace(dev)
         for st in work.held:  # a new image: nothing held yet
