@@ -318,7 +318,9 @@ def train_generator_cmd(
     export: Optional[Path] = typer.Option(None, help="copy the final G_ema + D here (e.g. the package asset)"),
     max_minutes: Optional[float] = typer.Option(None, help="stop (resumable) after this many minutes"),
     threads: int = typer.Option(1, help="torch CPU threads (one per process is fastest on a shared machine)"),
-    lr: float = typer.Option(0.0025, help="learning rate of G (D's gets the lazy-R1 correction)"),
+    lr: float = typer.Option(0.0025, help="learning rate of G (and of D unless --d-lr; D's gets the lazy-R1 correction)"),
+    d_lr: Optional[float] = typer.Option(None, help="D's learning rate (default: --lr); like --r1-gamma, give it again "
+                                         "when resuming"),
     lr_decay_from: Optional[float] = typer.Option(None, help="cosine ramp-down of the rates from this kimg to the end"),
     lr_final: float = typer.Option(0.1, help="the ramp-down's last multiplier of --lr"),
     init_from: Optional[Path] = typer.Option(None, help="warm-start a fresh --out from an exported G_ema + D file "
@@ -340,7 +342,7 @@ def train_generator_cmd(
 
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     cfg = GeneratorTrainConfig(total_kimg=kimg, lr=lr, lr_decay_from_kimg=lr_decay_from, lr_final=lr_final, r1_gamma=r1_gamma,
-                               mbstd_group=mbstd_group)
+                               mbstd_group=mbstd_group, d_lr=d_lr)
     with Progress(TextColumn("[bold]G training"), BarColumn(), TextColumn("{task.fields[info]}"), TimeRemainingColumn()) as bar:
         t = bar.add_task("train", total=kimg, info="")
 

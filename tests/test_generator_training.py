@@ -87,6 +87,21 @@ def test_resumed_run_takes_the_new_schedule_over_the_checkpoints_rate(tmp_path, 
     assert resumed.opt_d.param_groups[0]["lr"] == pytest.approx(want * decay.r1_lazy_c())
 
 
+def test_d_lr_sets_ds_rate_under_the_same_schedule(one_thread):
+    """`d_lr` moves D's rate alone (lazy-R1 corrected), and the ramp-down scales it with G's."""
+    cfg = TINY.model_copy(update={"lr": 0.002, "d_lr": 0.0005, "total_kimg": 0.064, "lr_decay_from_kimg": 0.0,
+                                  "lr_final": 0.5})
+    st = build_state(cfg, DEV)
+    assert st.opt_d.param_groups[0]["lr"] == pytest.approx(0.0005 * cfg.r1_lazy_c())
+    train_step(st, cfg, DEV, amp=False)
+    train_step(st, cfg, DEV, amp=False)  # the second step's rates: set from nimg = one batch, mid-ramp
+    g, d = st.opt_g.param_groups[0]["lr"], st.opt_d.param_groups[0]["lr"]
+    assert g == pytest.approx(cfg.lr_at(TINY.batch)) and 0.001 < g < 0.002
+    assert d == pytest.approx(g / 4 * cfg.r1_lazy_c())
+    same = TINY.model_copy(update={"d_lr": None})
+    assert same.d_lr_at(123) == same.lr_at(123)
+
+
 def test_warm_start_from_an_exported_snapshot(tmp_path, one_thread):
     """A fresh directory started from an exported G_ema + D: G and G_ema are the exported G_ema, D is
     the exported D, the image count continues from the file's kimg, and training goes on from there.

@@ -39,6 +39,8 @@ class GeneratorTrainConfig(BaseModel):
                              "(StyleGAN2 4; ADA's CIFAR setting 32). Holds no weights, so a warm start may change it")
     batch: int = 32
     lr: float = 0.0025
+    d_lr: float | None = Field(None, gt=0, description="D's learning rate before the lazy-R1 correction (None: `lr`, as "
+                               "StyleGAN2); the ramp-down scales it like G's. Stored in no weights, so a warm start may change it")
     lr_decay_from_kimg: float | None = Field(
         None, description="cosine ramp-down of both learning rates from this kimg to `lr * lr_final` at total_kimg "
         "(None: constant). Set on every step, so a resumed run picks up a schedule its checkpoint never had.")
@@ -68,6 +70,10 @@ class GeneratorTrainConfig(BaseModel):
             return self.lr
         t = min(1.0, (nimg / 1000 - start) / (self.total_kimg - start))
         return self.lr * (self.lr_final + (1 - self.lr_final) * 0.5 * (1 + math.cos(math.pi * t)))
+
+    def d_lr_at(self, nimg: int) -> float:
+        """D's rate after `nimg` images, before the lazy-R1 correction: G's schedule scaled by d_lr / lr."""
+        return self.lr_at(nimg) * (self.d_lr / self.lr if self.d_lr is not None else 1.0)
 
     def r1_lazy_c(self) -> float:
         """StyleGAN2's lazy-regularisation correction of D's lr and betas."""
@@ -130,7 +136,7 @@ def build_state(cfg: GeneratorTrainConfig, dev: torch.device) -> GANState:
     G_ema = copy.deepcopy(G).eval().requires_grad_(False)
     c = cfg.r1_lazy_c()
     opt_g = torch.optim.Adam(G.parameters(), lr=cfg.lr, betas=(0.0, 0.99), eps=1e-8)
-    opt_d = torch.optim.Adam(D.parameters(), lr=cfg.lr * c, betas=(0.0, 0.99**c), eps=1e-8)
+    opt_d = torch.optim.Adam(D.parameters(), lr=cfg.d_lr_at(0) * c, betas=(0.0, 0.99**c), eps=1e-8)
     return GANState(G, D, G_ema, opt_g, opt_d)
 
 
@@ -216,11 +222,10 @@ def update_ema(st: GANState, cfg: GeneratorTrainConfig) -> None:
 
 def set_lr(st: GANState, cfg: GeneratorTrainConfig) -> None:
     """Both optimisers' rates for the current image count (a checkpoint's stored rate is overridden)."""
-    lr = cfg.lr_at(st.nimg)
     for g in st.opt_g.param_groups:
-        g["lr"] = lr
+        g["lr"] = cfg.lr_at(st.nimg)
     for g in st.opt_d.param_groups:
-        g["lr"] = lr * cfg.r1_lazy_c()
+        g["lr"] = cfg.d_lr_at(st.nimg) * cfg.r1_lazy_c()
 
 
 def train_step(st: GANState, cfg: GeneratorTrainConfig, dev: torch.device, amp: bool) -> tuple[torch.Tensor, torch.Tensor]:
