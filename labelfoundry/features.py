@@ -233,9 +233,9 @@ class TiledProjection:
             g.cap = min(r, max(hi - lo for lo, hi, _ in g.ay) + g.chunk)
             self.low.append(g)
         small = [g for g in self.low if g.small]
-        for g, off in zip(small, [0, *torch.tensor([g.res for g in small]).cumsum(0).tolist()]):
-            g.off = off
-        self.small_cols = sum(g.res for g in small)
+        self.small_cols = 0
+        for g in small:
+            g.off, self.small_cols = self.small_cols, self.small_cols + g.res
         self.large_res = max((g.res for g in self.low if not g.small), default=0)
         self.ax_small = torch.cat([interp_matrix(R, g.res) for g in small], dim=1).to(device=dev, dtype=dtype) if small else None
 
