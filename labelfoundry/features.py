@@ -239,6 +239,11 @@ class TiledProjection:
         self.large_res = max((g.res for g in self.low if not g.small), default=0)
         self.ax_small = torch.cat([interp_matrix(R, g.res) for g in small], dim=1).to(device=dev, dtype=dtype) if small else None
 
+    @property
+    def groups(self) -> list[_Group]:
+        """Every weight slice: the full-resolution group (if any) first, then the lower ones."""
+        return ([self.full] if self.full is not None else []) + self.low
+
     def workspace(self, device: torch.device) -> Workspace:
         """The buffers `image` needs, for one labeling call."""
         T, R, MH, dt = self.T, self.R, self.mh, self.dtype
@@ -247,8 +252,7 @@ class TiledProjection:
             buf=new(T * R, MH), bands=[new(g.cap, g.res, MH) for g in self.low], held=[[0, 0] for _ in self.low],
             zbuf=new(T * self.large_res * MH) if self.large_res else None,
             zc=new(T, self.small_cols, MH) if self.small_cols else None,
-            xbuf=new(max(g.wt.shape[0] * (T * R if g is self.full else g.cap * g.res)
-                         for g in ([self.full] if self.full is not None else []) + self.low)),
+            xbuf=new(max(g.wt.shape[0] * (T * R if g is self.full else g.cap * g.res) for g in self.groups)),
         )
 
     @torch.no_grad()

@@ -376,7 +376,7 @@ class HandsOffLabeler(nn.Module):
                         label: torch.Tensor, unc: torch.Tensor) -> bool:
         """Fill label/unc image by image with the compiled pass; False where it is unavailable (what
         it wrote before failing is then overwritten by the tiled pass)."""
-        groups = ([proj.full] if proj.full is not None else []) + proj.low
+        groups = proj.groups
         meta = (tuple((tuple(g.idx), g.res) for g in groups), proj.R, seg)
         weights = ([g.wt for g in groups], proj.bias, w["w2"], w["b2"], w["w3"], w["b3"], [g.src for g in groups])
         for i in range(label.shape[0]):
