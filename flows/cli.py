@@ -55,9 +55,10 @@ def _prefect_banner() -> None:
         console.print("[bold]labelfoundry[/bold]: starting Prefect (local ephemeral API) ...")
 
 FULL_OVERRIDES = {
-    # The headline configuration: more samples, a longer downstream schedule, 3 seeds, the unfiltered control.
+    # The headline configuration: more samples, longer refiner and downstream schedules, 3 seeds, the controls.
     "run_dir": "runs/full",
     "generate": {"num_samples": 3000},
+    "refine": {"steps": 1000},
     "downstream": {"max_steps": 1000, "test_images": 1000, "seeds": 3, "workers": 2,
                    "baselines": ["labeled_only", "oracle", "unfiltered", "finetuned"]},
 }
@@ -156,7 +157,7 @@ def run(
     full: bool = typer.Option(False, "--full", help="the headline: 16 and 50 labels, 3,000 generated, 1,000 steps, 3 seeds, all baselines"),
     set_: list[str] = typer.Option([], "--set", help="override a config key: --set generate.num_samples=500"),
 ) -> None:
-    """Run the whole factory: invert -> fit -> generate -> filter -> report -> train + evaluate."""
+    """Run the whole factory: invert -> fit -> generate -> refine -> filter -> report -> train + evaluate."""
     from labelfoundry.config import deep_merge
 
     overrides = deep_merge(FULL_OVERRIDES if full else {}, _parse_sets(set_))

@@ -1,4 +1,4 @@
-"""The factory flow: invert -> fit -> generate -> filter -> report (-> train + evaluate).
+"""The factory flow: invert -> fit -> generate -> refine -> filter -> report (-> train + evaluate).
 
 Each stage is a cached Prefect task (see tasks/common.py): re-running a config does no model work,
 changing one section re-runs that stage and what follows. Artifacts travel as (path, hash).
@@ -25,6 +25,7 @@ from tasks.filter import filter_task
 from tasks.fit import fit_task
 from tasks.generate import dataset_path, generate_shards_task, prepare_store
 from tasks.invert import invert_task
+from tasks.refine import refine_skipped, refine_stage
 from tasks.report import publish_dataset_report, report_task
 
 from . import progress
@@ -207,6 +208,13 @@ def factory(config: str | None = None, overrides: dict | None = None, stop_after
         summary["extra_labelers"] = {k: a.model_dump() for k, a in extra.items()}
     if stop_after != "fit":
         store_path, generation = generate_stage(cfg, run_dir, gh, labeler, device, cv, extra)
+        skip = refine_skipped(cfg)
+        if skip is None:
+            progress.emit(progress.ProgressEvent("refine"))
+            summary["unrefined_dataset"] = store_path
+            store_path = refine_stage(cfg, run_dir, inverted, labeler, store_path, storage.manifest_hash(store_path), device, cv)
+        elif cfg.refine.enabled:
+            log.info("refine: skipped, %s", skip)
         mh = storage.manifest_hash(store_path)
         progress.emit(progress.ProgressEvent("filter"))
         filt_args = dict(store_path=store_path, manifest_hash_=mh, filter_cfg=cfg.filter, code_version=cv)

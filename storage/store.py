@@ -27,6 +27,7 @@ starting the same dataset at once create it exactly once.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as _dt
 import json
 import logging
@@ -146,6 +147,19 @@ class ShardStore:
             label_task=label_task,
             extra_labels=extra_labels,
         )
+        return cls._create(root, layout)
+
+    @classmethod
+    def create_like(cls, source: "ShardStore", path: str, *, provenance: dict[str, Any],
+                    storage_options: dict[str, Any] | None = None) -> "ShardStore":
+        """A derived dataset (e.g. refined labels): the source's arrays, schema, sharding and
+        compression, its own provenance. Resumes like `create`; the source is only read."""
+        layout = dataclasses.replace(source.layout, provenance=dict(provenance))
+        opts = source.storage_options if storage_options is None else storage_options
+        return cls._create(resolve(path, opts), layout)
+
+    @classmethod
+    def _create(cls, root: Root, layout: Layout) -> "ShardStore":
         if root.exists(DATASET_JSON):  # the common resume case needs no lock
             return cls._reopen(root, layout)
         with root.lock(CREATE_LOCK):  # check-then-create, once across processes

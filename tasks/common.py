@@ -205,3 +205,30 @@ def torch_threads(n: int) -> Iterator[None]:
         yield
     finally:
         set_threads(before)
+
+
+def run_side_by_side(jobs: list[tuple], workers: int) -> list:
+    """Run (task, parameters) jobs and return their results in order: one after another in this
+    process (workers 1), or side by side in `workers` spawned processes (Prefect's process-pool
+    runner). A CPU trains fastest as one single-threaded process per core; several intra-op threads
+    in one process collapsed under contention here (docs/evaluation.md)."""
+    workers = min(workers, len(jobs))
+    if workers <= 1:
+        return [t(**p) for t, p in jobs]
+    import os
+
+    from prefect.client.orchestration import get_client
+    from prefect.task_runners import ProcessPoolTaskRunner
+
+    # the workers must report to this run's API: an embedded server is known to this process's settings only
+    before = os.environ.get("PREFECT_API_URL")
+    os.environ["PREFECT_API_URL"] = str(get_client().api_url).rstrip("/")
+    try:
+        with ProcessPoolTaskRunner(max_workers=workers) as runner:
+            futures = [runner.submit(t, p) for t, p in jobs]
+            return [f.result() for f in futures]
+    finally:
+        if before is None:
+            os.environ.pop("PREFECT_API_URL")
+        else:
+            os.environ["PREFECT_API_URL"] = before

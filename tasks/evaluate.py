@@ -40,7 +40,7 @@ from labelfoundry.report import (
 from labelfoundry.segmenters import TrainConfig
 from labelfoundry.segmenters.models import imagenet_weights_file
 
-from .common import Artifact, cached, log_progress, retry_transient, torch_threads
+from .common import Artifact, cached, log_progress, retry_transient, run_side_by_side, torch_threads
 from . import names
 
 
@@ -57,7 +57,7 @@ def _fg_bg(d: ArrayDataset) -> ArrayDataset:
     return ArrayDataset(d.images, (d.masks > 0).astype(np.uint8))
 
 
-def _labeled_set(labeled, task: str, resolution: int, sigma: float):
+def labeled_dataset(labeled, task: str, resolution: int, sigma: float):
     """The few labeled images as the task's dataset, at the test resolution."""
     if task == "segmentation":  # labeled.resolution may differ from the generator's (gradient matching)
         return ArrayDataset(*resize_labeled(labeled["image"], labeled["mask"], resolution))
@@ -65,6 +65,17 @@ def _labeled_set(labeled, task: str, resolution: int, sigma: float):
         raise ValueError(f"invert/labeled.npz holds {labeled['image'].shape[1]}px images but the generator makes "
                          f"{resolution}px ones; {task} evaluation needs them alike: remove labeled.resolution")
     return task_dataset(task, labeled["image"], {k: labeled[k] for k in labeled.files if k != "image"}, sigma)
+
+
+def generated_set(store_path: str, filter_: str | None, array: str = "label"):
+    """(opened dataset, training items of `array`) of a generated store: read into memory once where
+    they fit, instead of one shard read per sample per step; streamed from the shards otherwise."""
+    import storage
+
+    opened = storage.open_dataset(store_path, filter=filter_)
+    item = functools.partial(generated_item, array=array)
+    fits = opened.nbytes(["image", array]) <= IN_MEMORY_MAX_BYTES
+    return opened, opened.in_memory(["image", array], transform=item) if fits else opened.dataset(transform=item)
 
 
 @task(name="train-evaluate", task_run_name=names.train_evaluate, retries=1, retry_condition_fn=retry_transient)
@@ -76,23 +87,17 @@ def train_eval_task(
     """One method's network for `task`, one seed: trained on its label source, scored on the real test
     split. num_outputs: classes or keypoints; sigma: keypoint heatmap std (the labeler's), pixels;
     array: the generated samples' label array that trains it (a multi-label dataset has several)."""
-    import storage
-
     log = get_run_logger()
     ds = downstream_cfg
     labeled = np.load(Path(inverted.path).parent / "labeled.npz")
-    labeled_set = _labeled_set(labeled, task, resolution, sigma)
+    labeled_set = labeled_dataset(labeled, task, resolution, sigma)
     as_task = _fg_bg if binary else (lambda d: d)
     labeled_set = as_task(labeled_set)
     from labelfoundry.labelers import REGISTRY
 
     weights = None
     if method in REGISTRY or method == "unfiltered":  # the generated dataset (filtered by default)
-        opened = storage.open_dataset(store_path, filter=None if method == "unfiltered" else "keep")
-        item = functools.partial(generated_item, array=array)
-        # the same items either way; read once where they fit, instead of one shard read per sample per step
-        fits = opened.nbytes(["image", array]) <= IN_MEMORY_MAX_BYTES
-        train = opened.in_memory(["image", array], transform=item) if fits else opened.dataset(transform=item)
+        opened, train = generated_set(store_path, None if method == "unfiltered" else "keep", array)
         if ds.get("oversample"):  # targeted oversampling: weights from the manifest's frac_<class> columns
             from labelfoundry.sampling import drawn_fraction, oversample_weights
 
@@ -168,33 +173,6 @@ def _outputs(cfg, task: str, binary: bool, schema: dict) -> list[str]:
     if task == "depth":
         return ["depth"]
     return ["background", "foreground"] if binary else list(schema["class_names"])
-
-
-def run_side_by_side(jobs: list[tuple], workers: int) -> list:
-    """Run (task, parameters) jobs and return their results in order: one after another in this
-    process (workers 1), or side by side in `workers` spawned processes (Prefect's process-pool
-    runner). A CPU trains fastest as one single-threaded process per core; several intra-op threads
-    in one process collapsed under contention here (docs/evaluation.md)."""
-    workers = min(workers, len(jobs))
-    if workers <= 1:
-        return [t(**p) for t, p in jobs]
-    import os
-
-    from prefect.client.orchestration import get_client
-    from prefect.task_runners import ProcessPoolTaskRunner
-
-    # the workers must report to this run's API: an embedded server is known to this process's settings only
-    before = os.environ.get("PREFECT_API_URL")
-    os.environ["PREFECT_API_URL"] = str(get_client().api_url).rstrip("/")
-    try:
-        with ProcessPoolTaskRunner(max_workers=workers) as runner:
-            futures = [runner.submit(t, p) for t, p in jobs]
-            return [f.result() for f in futures]
-    finally:
-        if before is None:
-            os.environ.pop("PREFECT_API_URL")
-        else:
-            os.environ["PREFECT_API_URL"] = before
 
 
 def evaluate_stage(cfg, run_dir: Path, inverted: Artifact, store_path: str, mh: str, fh: str, device: str, cv: str,

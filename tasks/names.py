@@ -49,3 +49,11 @@ def report(parameters: dict[str, Any]) -> str:
 def train_evaluate(parameters: dict[str, Any]) -> str:
     """The stage names its variants itself (evaluate_stage: "finetuned", "no_oversample")."""
     return f"train-evaluate {parameters['method']} seed {parameters['seed']}"
+
+
+def refine_member(parameters: dict[str, Any]) -> str:
+    return f"refine-member seed {parameters['seed']}"
+
+
+def refine_shards(parameters: dict[str, Any]) -> str:
+    return f"refine-shards{shard_span(parameters['shard_indices'])}"

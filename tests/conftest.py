@@ -46,6 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # The smallest configuration that still runs every stage: resolution-16 generator, 4 labeled
 # toy faces, 3 inversion steps, a 2-member labeler, 64 samples in 4 shards, 5 downstream steps.
+# Refinement is off here (tests/test_refine.py turns it on: 2 refiners of 4+2 steps).
 TINY: dict = {
     "name": "test",
     "seed": 0,
@@ -54,6 +55,7 @@ TINY: dict = {
     "inversion": {"steps": 3, "batch": 4},
     "labeler": {"members": 2, "hidden": [8, 4], "min_steps": 10, "epochs": 0.01, "pixels_per_image": 64},
     "generate": {"num_samples": 64, "samples_per_shard": 16, "batch": 16},
+    "refine": {"enabled": False, "members": 2, "steps": 4, "finetune_steps": 2, "batch_size": 8, "workers": 1, "batch": 16},
     "filter": {"drop_top": 0.1},
     "downstream": {
         "max_steps": 5, "epochs": 1, "test_images": 16, "oracle_images": 32, "batch_size": 8,
