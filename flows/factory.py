@@ -231,7 +231,8 @@ def factory(config: str | None = None, overrides: dict | None = None, stop_after
             from tasks.evaluate import evaluate_stage
 
             progress.emit(progress.ProgressEvent("evaluate"))
-            summary["evaluation"] = evaluate_stage(cfg, run_dir, inverted, store_path, mh, fh, device, cv)
+            summary["evaluation"] = evaluate_stage(cfg, run_dir, inverted, store_path, mh, fh, device, cv,
+                                                   unrefined=summary.get("unrefined_dataset"))
             for array in extra:  # a multi-label dataset: each further label type trains its own networks
                 summary.setdefault("extra_evaluations", {})[array] = evaluate_stage(
                     cfg, run_dir, inverted, store_path, mh, fh, device, cv, array=array)

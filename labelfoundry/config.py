@@ -205,9 +205,11 @@ class DownstreamSection(_Strict):
     lr: float = 1e-3
     test_images: int = 500
     oracle_images: int = Field(5000, description="real labeled images for the oracle baseline (built-in domain)")
-    baselines: list[Literal["labeled_only", "oracle", "unfiltered", "no_oversample", "imagenet_transfer", "finetuned"]] = Field(
+    baselines: list[Literal["labeled_only", "oracle", "unfiltered", "unrefined", "no_oversample", "imagenet_transfer",
+                             "finetuned"]] = Field(
         default_factory=lambda: ["labeled_only", "oracle"],
-        description="no_oversample: the generated-data method without downstream.oversample (its control); "
+        description="unfiltered: every generated sample; unrefined: every generated sample with the labeler's own "
+        "labels (the refine stage's control; skipped when the run does not refine); no_oversample: the generated-data method without downstream.oversample (its control); "
         "finetuned: the generated-data method, then fine-tuned on the labeled images (HandsOff's Cityscapes step); "
         "imagenet_transfer: transfer_arch with its ImageNet backbone, fine-tuned on the labeled images (skipped, "
         "with the missing file named in metrics.json, when the weights are not in the local torch hub cache)",

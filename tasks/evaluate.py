@@ -13,6 +13,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.utilities.annotations import quote
 
+import storage
 from labelfoundry.domains import toyfaces
 from labelfoundry.domains.base import resize_labeled
 from labelfoundry.evaluation import (
@@ -70,8 +71,6 @@ def labeled_dataset(labeled, task: str, resolution: int, sigma: float):
 def generated_set(store_path: str, filter_: str | None, array: str = "label"):
     """(opened dataset, training items of `array`) of a generated store: read into memory once where
     they fit, instead of one shard read per sample per step; streamed from the shards otherwise."""
-    import storage
-
     opened = storage.open_dataset(store_path, filter=filter_)
     item = functools.partial(generated_item, array=array)
     fits = opened.nbytes(["image", array]) <= IN_MEMORY_MAX_BYTES
@@ -96,8 +95,8 @@ def train_eval_task(
     from labelfoundry.labelers import REGISTRY
 
     weights = None
-    if method in REGISTRY or method == "unfiltered":  # the generated dataset (filtered by default)
-        opened, train = generated_set(store_path, None if method == "unfiltered" else "keep", array)
+    if method in REGISTRY or method in ("unfiltered", "unrefined"):  # the generated dataset (filtered by default)
+        opened, train = generated_set(store_path, "keep" if method in REGISTRY else None, array)
         if ds.get("oversample"):  # targeted oversampling: weights from the manifest's frac_<class> columns
             from labelfoundry.sampling import drawn_fraction, oversample_weights
 
@@ -176,7 +175,7 @@ def _outputs(cfg, task: str, binary: bool, schema: dict) -> list[str]:
 
 
 def evaluate_stage(cfg, run_dir: Path, inverted: Artifact, store_path: str, mh: str, fh: str, device: str, cv: str,
-                   array: str = "label") -> dict:
+                   array: str = "label", unrefined: str | None = None) -> dict:
     """Train/evaluate every method (each a cached task) for one label array's task (`label`: the
     labeler's; in a multi-label run also each extra labeler's), then write its metrics and report:
     metrics.json and report/evaluation.md for `label`, metrics-<array>.json and
@@ -198,7 +197,7 @@ def evaluate_stage(cfg, run_dir: Path, inverted: Artifact, store_path: str, mh: 
 
     R = load_generator_cached(cfg.generator.name, device).resolution
     ours = lcfg.method
-    generated = {ours, "unfiltered"}
+    generated = {ours, "unfiltered", "unrefined"}
     ds_cfg = cfg.downstream.model_dump()
     if array != "label":  # oversampling draws by the primary label's class fractions
         ds_cfg["oversample"] = {}
@@ -219,6 +218,10 @@ def evaluate_stage(cfg, run_dir: Path, inverted: Artifact, store_path: str, mh: 
             skipped["imagenet_transfer"] = f"ImageNet weights not found; place {expected} to run this baseline"
             log.warning("imagenet_transfer baseline skipped: %s", skipped["imagenet_transfer"])
             baselines.remove("imagenet_transfer")
+    if "unrefined" in baselines and unrefined is None:
+        skipped["unrefined"] = "the run did not refine its labels (refine.enabled false, or a label type it does not refine)"
+        log.warning("unrefined baseline skipped: %s", skipped["unrefined"])
+        baselines.remove("unrefined")
 
     def method_cfg(name: str) -> dict:
         """The downstream config a method trains with (its cache key): variants of ours change one key."""
@@ -226,6 +229,7 @@ def evaluate_stage(cfg, run_dir: Path, inverted: Artifact, store_path: str, mh: 
             return {**ds_cfg, "finetune_on_labeled": True}
         return ds_cfg if name in generated else plain_cfg  # no_oversample and baselines draw uniformly
 
+    unrefined_mh = storage.manifest_hash(unrefined) if "unrefined" in baselines else None
     jobs = []  # (method name, task, parameters): one training per method and seed
     for name in [ours, *baselines]:
         m = ours if name in ("no_oversample", "finetuned") else name  # variants of ours (own cache keys)
@@ -235,8 +239,8 @@ def evaluate_stage(cfg, run_dir: Path, inverted: Artifact, store_path: str, mh: 
             # quote: values built here are no task's result; Prefect's input tracking (by id) would
             # otherwise take a recycled id for a finished train-evaluate's result and draw a false edge
             params = {"inverted": inverted, **{k: quote(v) for k, v in dict(
-                method=m, run_dir=str(run_dir), store_path=store_path if m in generated else None,
-                manifest_hash_=(mh + fh if m == ours else mh) if m in generated else None,
+                method=m, run_dir=str(run_dir), store_path=(unrefined if m == "unrefined" else store_path) if m in generated else None,
+                manifest_hash_=(mh + fh if m == ours else unrefined_mh if m == "unrefined" else mh) if m in generated else None,
                 labeled_cfg=cfg.labeled.model_dump(), downstream_cfg=method_cfg(name), resolution=R,
                 num_outputs=len(names), binary=binary, seed=seed, code_version=cv, device=device, task=task, sigma=sigma,
                 array=array,

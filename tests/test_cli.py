@@ -138,22 +138,22 @@ def test_sample_writes_a_png_grid(tiny_generator, tmp_path):
         assert np.array_equal(first, np.asarray(im.convert("RGB")))
 
 
-def test_headline_table_has_the_finetuned_column_and_a_reason_without_a_gap():
+def test_headline_table_has_the_finetuned_and_unrefined_columns_and_a_reason_without_a_gap():
     from flows.cli import headline
     from labelfoundry.evaluation import summarize_seeds
 
     def summary(**miou):  # one seed per method, as the evaluate stage writes it
         return {"evaluation": {"methods": {m: summarize_seeds([{"miou": v, "per_class_iou": [v]}]) for m, v in miou.items()}}}
 
-    s16 = summary(handsoff=0.30, unfiltered=0.33, finetuned=0.41, labeled_only=0.40, oracle=0.54)
+    s16 = summary(handsoff=0.30, unfiltered=0.33, unrefined=0.29, finetuned=0.41, labeled_only=0.40, oracle=0.54)
     s50 = summary(handsoff=0.32, unfiltered=0.30, labeled_only=0.58)  # no finetuned run: an empty cell
     rows = [r for r in headline(s16, s50).splitlines() if r.startswith("| 16") or r.startswith("| 50")]
     cells16, cells50 = [c.strip() for c in rows[0].split("|")[1:-1]], [c.strip() for c in rows[1].split("|")[1:-1]]
-    assert cells16[3] == "0.410" and float(cells16[-1]) == pytest.approx(1 / 14, abs=1e-3)
+    assert cells16[3] == "0.290" and cells16[4] == "0.410" and float(cells16[-1]) == pytest.approx(1 / 14, abs=1e-3)
     assert float(cells16[-2]) == pytest.approx(-10 / 14, abs=1e-3)
-    assert cells50[-1] == "—" and cells50[-2].startswith("undefined: labeled-only (0.580) already reaches the oracle")
+    assert cells50[3] == "—" and cells50[-1] == "—" and cells50[-2].startswith("undefined: labeled-only (0.580) already reaches the oracle")
 
     three = {"evaluation": {"methods": {m: summarize_seeds([{"miou": v + d, "per_class_iou": [v]} for d in (-0.01, 0, 0.01)])
                                        for m, v in dict(handsoff=0.5, unfiltered=0.4, labeled_only=0.4, oracle=0.6).items()}}}
     row = [c.strip() for c in headline(three, three).splitlines()[2].split("|")[1:-1]]
-    assert row[1] == "0.500 ± 0.010" and row[6] == "0.500 ± 0.000"  # mean ± std over seeds; seed-paired gap
+    assert row[1] == "0.500 ± 0.010" and row[7] == "0.500 ± 0.000"  # mean ± std over seeds; seed-paired gap

@@ -73,7 +73,7 @@ def refined(tmp_path_factory, make_config):
     from tests.test_flow import run_factory
 
     d = tmp_path_factory.mktemp("refined")
-    cfg = make_config(d, d / "run", refine={"enabled": True}, downstream={"enabled": False})
+    cfg = make_config(d, d / "run", refine={"enabled": True}, downstream={"baselines": ["unrefined"]})
     summary, fid = run_factory(cfg)
     return {"config": cfg, "run_dir": d / "run", "summary": summary, "flow_run_id": fid}
 
@@ -112,6 +112,10 @@ def test_the_refined_store_holds_the_ensembles_labels_beside_the_source(refined)
     assert "keep" in storage.ShardStore.open(dst_path).manifest().columns
     assert storage.ShardStore.open(src_path).filter_names() == []
     assert s["filter"]["total"] == 64
+    # downstream: ours on the refined store's kept samples, the control on every sample with the labeler's labels
+    methods = s["evaluation"]["methods"]
+    assert methods["handsoff"]["train_samples"] == s["filter"]["kept"] < 64
+    assert methods["unrefined"]["train_samples"] == 64
 
 
 @pytest.mark.prefect
@@ -127,7 +131,7 @@ def test_refine_reruns_from_cache_and_recommits_a_lost_shard(refined):
 
     summary, fid = run_factory(refined["config"])
 
-    states = task_states(fid, 4 + 4 + 2 + 1)
+    states = task_states(fid, 4 + 4 + 2 + 1 + 2)  # invert, fit, filter, report, shards, members, relabel, 2 trainings
     assert states["refine-member"] == ["Cached", "Cached"], states
     assert states["refine-shards"] == ["Completed"], states  # the lost shard, relabeled again
     assert states["generate-shards"] == ["Cached"] * 4, states
@@ -136,6 +140,18 @@ def test_refine_reruns_from_cache_and_recommits_a_lost_shard(refined):
     np.testing.assert_array_equal(after["checksum"], before["checksum"])  # the same bytes again
     assert storage.verify(dst).ok
     assert {p: os.stat(p).st_mtime_ns for p in src_files} == src_files  # the source store never written
+
+
+@pytest.mark.prefect
+@pytest.mark.slow
+def test_the_unrefined_baseline_says_why_it_is_skipped_without_refinement(tmp_path, make_config):
+    from tests.test_flow import run_factory
+
+    cfg = make_config(tmp_path, tmp_path / "run", downstream={"baselines": ["unrefined"]})  # refine off (TINY)
+    summary, _ = run_factory(cfg)
+    assert "unrefined_dataset" not in summary
+    assert set(summary["evaluation"]["methods"]) == {"handsoff"}
+    assert "did not refine" in summary["evaluation"]["skipped"]["unrefined"]
 
 
 def test_refine_is_skipped_where_it_does_not_apply():
