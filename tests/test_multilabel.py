@@ -168,14 +168,15 @@ def test_single_type_dataset_written_before_multi_label_still_reads(tmp_path):
 @pytest.mark.slow
 def test_factory_writes_every_label_type_from_one_run(tmp_path, make_config):
     """A tiny run with keypoints and depth labelers beside segmentation: three fits on the same
-    inverted images, one dataset whose samples carry all three, verified, filtered by the combined score,
+    inverted images, one dataset whose samples carry all three (its segmentation labels refined),
+    verified, filtered by the combined score,
     then each type's downstream networks trained on its array and scored with its own metrics."""
     from tests.test_flow import run_factory
 
     small = {"members": 2, "hidden": [8, 4], "min_steps": 10, "epochs": 0.01, "pixels_per_image": 64}
     cfg = make_config(tmp_path, tmp_path / "run", extra_labelers=[{"task": "keypoints", **small}, {"task": "depth", **small}],
                       generate={"num_samples": 32, "samples_per_shard": 16, "batch": 16}, filter={"drop_top": 0.25},
-                      downstream={"max_steps": 3, "test_images": 8, "oracle_images": 16})
+                      downstream={"max_steps": 3, "test_images": 8, "oracle_images": 16}, refine={"enabled": True})
     summary, _ = run_factory(cfg)
     assert set(summary["extra_labelers"]) == {"keypoints", "depth"}
     assert {Path(a["path"]).name for a in summary["extra_labelers"].values()} == {"labeler-keypoints.safetensors",
@@ -189,6 +190,10 @@ def test_factory_writes_every_label_type_from_one_run(tmp_path, make_config):
     ranked = full.assign(c=combined_score(full, ["score", "score_keypoints", "score_depth"], "max_rank"))
     dropped = set(ranked.sort_values(["c", "sample_id"], ascending=[False, True])["sample_id"][:8])
     assert dropped == set(full["sample_id"]) - set(opened.manifest["sample_id"])
+    # refined: the segmentation labels are the refiners', every other array the generated store's
+    source = storage.open_dataset(summary["unrefined_dataset"], filter=None)
+    for name in ("image", "keypoints", "depth", "uncertainty_keypoints", "w"):
+        np.testing.assert_array_equal(storage.open_dataset(path, filter=None).read_array(name), source.read_array(name))
     s = opened.dataset()[0]
     assert s["keypoints"].shape == (5, 16, 16) and s["depth"].shape == (1, 16, 16) and s["label"].shape == (16, 16)
     run = tmp_path / "run"
