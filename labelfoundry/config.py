@@ -167,8 +167,9 @@ class RefineSection(_Strict):
 
     enabled: bool = Field(True, description="refine the labels (downstream parts mIoU at 16 labels 0.583 -> 0.600, "
                           "docs/evaluation.md); false stores and evaluates the labeler's own labels")
-    members: int = Field(3, ge=1, le=16, description="ensemble size (seeds run seed + i); 1 gives no uncertainty "
-                         "(all zeros), so the filter then drops arbitrary samples")
+    members: int = Field(2, ge=1, le=16, description="ensemble size (seeds run seed + i; 2 keeps the demo within its "
+                         "10 minutes, the headline (--full) trains 3); 1 gives no uncertainty (all zeros), so the "
+                         "filter then drops arbitrary samples")
     steps: int = Field(500, ge=1, description="training steps of each member on the generated samples (500: the "
                        "demo's downstream schedule; the headline (--full) trains 1,000, its plateau, docs/evaluation.md)")
     finetune_steps: int | None = Field(None, ge=1, description="steps on the labeled images after that (None: "
