@@ -51,7 +51,9 @@ def refine_member_task(run_dir: str, store_path: str, manifest_hash_: str, inver
     """One ensemble member trained on every generated sample, then fine-tuned on the labeled images;
     its weights as a safetensors file (checkpoints under run_dir/refine resume a killed training)."""
     log = get_run_logger()
-    _, generated = generated_set(store_path, None)
+    # every sample the labeler did not refuse (the filter drops the refused ones from the refined store too)
+    refused = "rejected" in storage.open_dataset(store_path, filter=None).manifest.columns
+    _, generated = generated_set(store_path, "rejected == False" if refused else None)
     labeled = labeled_dataset(np.load(Path(inverted.path).parent / "labeled.npz"), "segmentation", resolution, 2.0)
     training = refine_cfg.model_dump(exclude={"workers", "batch", "enabled"})
     key = hashlib.sha256(json.dumps([store_path, manifest_hash_, inverted.hash, training, seed, code_version],
