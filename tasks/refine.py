@@ -126,10 +126,10 @@ def refine_stage(cfg: RunConfig, run_dir: Path, inverted: Artifact, labeler: Lab
     """Train the members, relabel every shard into the refined store and return its path."""
     log = get_run_logger()
     rc = cfg.refine
-    k = labeler.num_outputs
-    params = [{k2: quote(v) for k2, v in dict(
+    num_classes = labeler.num_outputs
+    params = [{k: quote(v) for k, v in dict(
         run_dir=str(run_dir), store_path=store_path, manifest_hash_=mh, inverted=inverted, refine_cfg=rc,
-        num_classes=k, resolution=labeler.resolution, seed=cfg.seed + i, code_version=cv, device=device).items()}
+        num_classes=num_classes, resolution=labeler.resolution, seed=cfg.seed + i, code_version=cv, device=device).items()}
         for i in range(rc.members)]
     members = run_side_by_side([(cached(refine_member_task, run_dir), p) for p in params], rc.workers)
     gone = [i for i, m in enumerate(members) if not m.exists_unchanged()]
@@ -143,11 +143,15 @@ def refine_stage(cfg: RunConfig, run_dir: Path, inverted: Artifact, labeler: Lab
     provenance = {**src.layout.provenance, "refined_from": store_path, "refined_from_manifest": mh,
                   "refine": rc.model_dump(exclude={"workers", "batch"}), "refine_members": [m.hash for m in members]}
     dst = storage.ShardStore.create_like(src, path, provenance=provenance)
+    recheck = storage.repair(path, deep=False)  # as generation does: a re-run re-checks what is committed
+    if recheck.repaired:
+        log.warning("re-check of %s found damaged shards %s; uncommitted them to relabel:\n%s",
+                    path, recheck.repaired, "\n".join(str(b) for b in recheck.bad))
     todo = dst.uncommitted_shards()
     groups = [g for g in np.array_split(np.asarray(todo, dtype=int), min(rc.workers, len(todo)) or 1) if len(g)]
-    shard_jobs = [(refine_shards_task, {k2: quote(v) for k2, v in dict(
+    shard_jobs = [(refine_shards_task, {k: quote(v) for k, v in dict(
         src_path=store_path, dst_path=path, shard_indices=[int(i) for i in g], members=members, refine_cfg=rc,
-        num_classes=k, device=device).items()}) for g in groups]
+        num_classes=num_classes, device=device).items()}) for g in groups]
     run_side_by_side(shard_jobs, rc.workers)
     missing = storage.ShardStore.open(path).uncommitted_shards()
     if missing:

@@ -120,7 +120,7 @@ def test_the_refined_store_holds_the_ensembles_labels_beside_the_source(refined)
 
 @pytest.mark.prefect
 @pytest.mark.slow
-def test_refine_reruns_from_cache_and_recommits_a_lost_shard(refined):
+def test_refine_reruns_from_cache_and_relabels_a_lost_or_damaged_shard(refined):
     import storage
     from tests.test_flow import run_factory, task_states
 
@@ -128,12 +128,14 @@ def test_refine_reruns_from_cache_and_recommits_a_lost_shard(refined):
     src_files = {p: os.stat(p).st_mtime_ns for p in Path(refined["summary"]["unrefined_dataset"]).rglob("*") if p.is_file()}
     before = storage.ShardStore.open(dst).manifest().sort_values("sample_id")
     (Path(dst) / "manifest" / "shard-000002.parquet").unlink()  # a refined shard lost its commit
+    damaged = Path(storage.ShardStore.open(dst).shard_file("label", 1))
+    damaged.write_bytes(damaged.read_bytes()[:-7])  # and another's label file was truncated
 
     summary, fid = run_factory(refined["config"])
 
     states = task_states(fid, 4 + 4 + 2 + 1 + 2)  # invert, fit, filter, report, shards, members, relabel, 2 trainings
     assert states["refine-member"] == ["Cached", "Cached"], states
-    assert states["refine-shards"] == ["Completed"], states  # the lost shard, relabeled again
+    assert states["refine-shards"] == ["Completed"], states  # the lost and the damaged shard, relabeled again
     assert states["generate-shards"] == ["Cached"] * 4, states
     assert summary["dataset"] == dst
     after = storage.ShardStore.open(dst).manifest().sort_values("sample_id")
