@@ -180,10 +180,38 @@ class RefineSection(_Strict):
     workers: int = Field(2, ge=1, le=64, description="members trained side by side in this many spawned processes "
                          "(one thread each; the labels do not depend on it)")
     batch: int = Field(64, ge=1, description="images per relabeling forward pass")
+    mirror: Literal["auto", "on", "off"] = Field(
+        "auto", description="also predict each mirrored image and average it in (test-time flip): auto = on for "
+        "the built-in domain, whose classes have no left/right, off for a labeled folder; on needs mirror_classes "
+        "when a class is a left/right one. Off for domains that are not mirror-symmetric (text, for example)")
+    mirror_classes: list[int] | None = Field(None, description="class id each class becomes in a mirrored image "
+                                             "(e.g. [0, 2, 1] when classes 1 and 2 are left and right); None: itself")
+
+    @field_validator("mirror", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, v):
+        """YAML reads a bare on / off as true / false: take them."""
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
 
     @property
     def resolved_finetune_steps(self) -> int:
         return self.finetune_steps or max(50, self.steps // 5)
+
+    def resolved_mirror(self, source: str, num_classes: int) -> list[int] | None:
+        """The class permutation of the mirrored pass (None: no mirrored pass) for a labeled source."""
+        if self.mirror == "off" or (self.mirror == "auto" and source != "toyfaces"):
+            return None
+        if self.mirror_classes is not None:
+            perm = list(self.mirror_classes)
+        elif source == "toyfaces":
+            from .domains.toyfaces import MIRROR_CLASSES
+
+            perm = list(MIRROR_CLASSES)
+        else:
+            perm = list(range(num_classes))
+        if sorted(perm) != list(range(num_classes)):
+            raise ValueError(f"refine.mirror_classes must be a permutation of the {num_classes} class ids, got {perm}")
+        return perm
 
 
 class DownstreamSection(_Strict):

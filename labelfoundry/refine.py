@@ -13,7 +13,7 @@ Plain PyTorch: `tasks/refine.py` trains the members side by side and writes the 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -47,11 +47,14 @@ def train_member(generated: Dataset, labeled: Dataset, *, arch: Arch, num_classe
 
 
 @torch.no_grad()
-def relabel(members: list[torch.nn.Module], images: np.ndarray, *, batch: int = 64,
-            device: str | torch.device = "cpu") -> dict[str, np.ndarray]:
+def relabel(members: list[torch.nn.Module], images: np.ndarray, *, batch: int = 64, device: str | torch.device = "cpu",
+            mirror: Sequence[int] | None = None) -> dict[str, np.ndarray]:
     """The ensemble's labels for uint8 images (N, H, W, 3): arg-max of the members' mean softmax
     (uint8), the members' JS divergence per pixel (float32) and the per-image scores of
-    `image_scores` (sum, top-10% mean; float64), the same quantities the label generator stores."""
+    `image_scores` (sum, top-10% mean; float64), the same quantities the label generator stores.
+    mirror: also predict each mirrored image and average it in, unmirrored, with class c of the
+    mirrored prediction counted as class mirror[c] (list(range(K)) where no class is left/right;
+    None: no mirrored pass). Each member's prediction is then its mean over the two."""
     if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
         raise ValueError(f"relabel expects uint8 images (N, H, W, 3), got {images.dtype} {images.shape}")
     if not members:
@@ -62,6 +65,13 @@ def relabel(members: list[torch.nn.Module], images: np.ndarray, *, batch: int = 
     for i in range(0, len(images), batch):
         x = images_to_input(torch.from_numpy(np.ascontiguousarray(images[i : i + batch])).permute(0, 3, 1, 2).to(device))
         logits = torch.stack([m(x).float() for m in members])  # (M, n, K, H, W)
+        if mirror is not None:
+            if sorted(mirror) != list(range(logits.shape[2])):
+                raise ValueError(f"mirror must be a permutation of the {logits.shape[2]} class ids, got {list(mirror)}")
+            back = torch.stack([m(x.flip(-1)).float() for m in members]).flip(-1)  # (M, n, K, H, W), unmirrored
+            inverse = torch.as_tensor(np.argsort(mirror), device=back.device)  # out class j = mirrored class mirror^-1(j)
+            p = 0.5 * (logits.softmax(2) + back.softmax(2).index_select(2, inverse))
+            logits = p.clamp_min(1e-30).log()  # normalised already: log_softmax gives it back
         js, mean_p = js_from_logits(logits, member_dim=0, class_dim=2)
         score, top10 = image_scores(js)
         out["label"].append(mean_p.argmax(1).to(torch.uint8).cpu().numpy())

@@ -55,7 +55,7 @@ def refine_member_task(run_dir: str, store_path: str, manifest_hash_: str, inver
     refused = "rejected" in storage.open_dataset(store_path, filter=None).manifest.columns
     _, generated = generated_set(store_path, "rejected == False" if refused else None)
     labeled = labeled_dataset(np.load(Path(inverted.path).parent / "labeled.npz"), "segmentation", resolution, 2.0)
-    training = refine_cfg.model_dump(exclude={"workers", "batch", "enabled"})
+    training = refine_cfg.model_dump(exclude={"workers", "batch", "enabled", "mirror", "mirror_classes"})
     key = hashlib.sha256(json.dumps([store_path, manifest_hash_, inverted.hash, training, seed, code_version],
                                     sort_keys=True).encode()).hexdigest()[:12]
     out = Path(run_dir) / "refine" / f"member-{key}"
@@ -92,7 +92,7 @@ def shard_rows(manifest: pd.DataFrame, layout, index: int) -> pd.DataFrame:
 @task(name="refine-shards", task_run_name=names.refine_shards, retries=2, retry_condition_fn=retry_transient,
       retry_delay_seconds=1)
 def refine_shards_task(src_path: str, dst_path: str, shard_indices: list[int], members: list[Artifact],
-                       refine_cfg: RefineSection, num_classes: int, device: str) -> list[int]:
+                       refine_cfg: RefineSection, num_classes: int, device: str, mirror: list[int] | None = None) -> list[int]:
     """Relabel the source's shards into the refined store; committed ones are skipped (idempotent)."""
     log = get_run_logger()
     with torch_threads(1):
@@ -106,7 +106,7 @@ def refine_shards_task(src_path: str, dst_path: str, shard_indices: list[int], m
                     continue
                 ids = np.asarray(dst.shard_range(index))
                 arrays = {name: src.read_array(name, ids) for name in dst.layout.arrays}
-                new = relabel(nets, arrays["image"], batch=refine_cfg.batch, device=device)
+                new = relabel(nets, arrays["image"], batch=refine_cfg.batch, device=device, mirror=mirror)
                 arrays["label"], arrays["uncertainty"] = new["label"], new["uncertainty"].astype(np.float16)
                 rows = shard_rows(manifest, src.layout, index).rename(columns=UNREFINED)
                 rows["score"], rows["score_top10"] = new["score"], new["score_top10"]
@@ -115,9 +115,9 @@ def refine_shards_task(src_path: str, dst_path: str, shard_indices: list[int], m
     return shard_indices
 
 
-def refined_path(store_path: str, members: list[Artifact]) -> str:
-    """The refined copy's directory, beside the source: one per (source, members)."""
-    key = hashlib.sha256(json.dumps([store_path, [m.hash for m in members]]).encode()).hexdigest()[:12]
+def refined_path(store_path: str, members: list[Artifact], mirror: list[int] | None) -> str:
+    """The refined copy's directory, beside the source: one per (source, members, mirrored pass)."""
+    key = hashlib.sha256(json.dumps([store_path, [m.hash for m in members], mirror]).encode()).hexdigest()[:12]
     return f"{store_path}-refined-{key}"
 
 
@@ -127,6 +127,7 @@ def refine_stage(cfg: RunConfig, run_dir: Path, inverted: Artifact, labeler: Lab
     log = get_run_logger()
     rc = cfg.refine
     num_classes = labeler.num_outputs
+    mirror = rc.resolved_mirror(cfg.labeled.source, num_classes)  # a bad permutation fails here, before any training
     params = [{k: quote(v) for k, v in dict(
         run_dir=str(run_dir), store_path=store_path, manifest_hash_=mh, inverted=inverted, refine_cfg=rc,
         num_classes=num_classes, resolution=labeler.resolution, seed=cfg.seed + i, code_version=cv, device=device).items()}
@@ -139,9 +140,10 @@ def refine_stage(cfg: RunConfig, run_dir: Path, inverted: Artifact, labeler: Lab
         for i, m in zip(gone, again):
             members[i] = m
     src = storage.ShardStore.open(store_path)
-    path = refined_path(store_path, members)
+    path = refined_path(store_path, members, mirror)
     provenance = {**src.layout.provenance, "refined_from": store_path, "refined_from_manifest": mh,
-                  "refine": rc.model_dump(exclude={"workers", "batch"}), "refine_members": [m.hash for m in members]}
+                  "refine": rc.model_dump(exclude={"workers", "batch"}), "refine_members": [m.hash for m in members],
+                  "refine_mirror": mirror}
     dst = storage.ShardStore.create_like(src, path, provenance=provenance)
     recheck = storage.repair(path, deep=False)  # as generation does: a re-run re-checks what is committed
     if recheck.repaired:
@@ -151,7 +153,7 @@ def refine_stage(cfg: RunConfig, run_dir: Path, inverted: Artifact, labeler: Lab
     groups = [g for g in np.array_split(np.asarray(todo, dtype=int), min(rc.workers, len(todo)) or 1) if len(g)]
     shard_jobs = [(refine_shards_task, {k: quote(v) for k, v in dict(
         src_path=store_path, dst_path=path, shard_indices=[int(i) for i in g], members=members, refine_cfg=rc,
-        num_classes=num_classes, device=device).items()}) for g in groups]
+        num_classes=num_classes, device=device, mirror=mirror).items()}) for g in groups]
     run_side_by_side(shard_jobs, rc.workers)
     missing = storage.ShardStore.open(path).uncommitted_shards()
     if missing:

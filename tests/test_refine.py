@@ -40,6 +40,28 @@ def test_relabel_takes_the_members_mean_and_their_js_divergence():
     assert np.abs(same["uncertainty"]).max() < 1e-5  # agreeing members: no uncertainty
 
 
+def test_the_mirrored_pass_averages_each_member_with_its_unmirrored_mirror_image():
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randn(3, 6, 6, generator=g) * 3, torch.randn(3, 6, 6, generator=g) * 3
+    images = np.zeros((2, 6, 6, 3), np.uint8)  # the fixed members ignore the image: only the mirroring acts
+
+    def member_probs(z, perm):
+        back = z.flip(-1).softmax(0)  # what the member says about the mirrored image, unmirrored
+        return 0.5 * (z.softmax(0) + back[torch.as_tensor(np.argsort(perm))])
+
+    for perm in ([0, 1, 2], [0, 2, 1]):  # no left/right class; classes 1 and 2 a left/right pair
+        out = relabel([Fixed(a), Fixed(b)], images, mirror=perm)
+        p = torch.stack([member_probs(a, perm), member_probs(b, perm)])
+        js, mean_p = js_from_logits(p.log(), member_dim=0, class_dim=1)
+        assert (out["label"] == mean_p.argmax(0).numpy()).all()
+        np.testing.assert_allclose(out["uncertainty"][0], js.numpy(), rtol=1e-4, atol=1e-6)
+    swapped = relabel([Fixed(a)], images, mirror=[0, 2, 1])["label"][0]
+    plain = relabel([Fixed(a)], images, mirror=[0, 1, 2])["label"][0]
+    assert (swapped != plain).any()  # the permutation is applied
+    with pytest.raises(ValueError, match="permutation of the 3 class ids"):
+        relabel([Fixed(a)], images, mirror=[0, 1, 1])
+
+
 def test_relabel_rejects_what_is_not_uint8_nhwc():
     net = build_member("tiny_unet", 3, seed=0)
     with pytest.raises(ValueError, match=r"uint8 images \(N, H, W, 3\)"):
@@ -99,7 +121,7 @@ def test_the_refined_store_holds_the_ensembles_labels_beside_the_source(refined)
 
     nets = load_members([Artifact(path=str(p), hash=file_hash(p)) for p in members], "tiny_unet", 10, "cpu")
     with torch.no_grad():
-        out = relabel(nets, src.read_array("image"))
+        out = relabel(nets, src.read_array("image"), mirror=list(range(10)))  # the built-in domain: mirrored pass on
     labels = dst.read_array("label")
     assert (labels == out["label"]).mean() > 0.999  # the ensemble's labels (member order does not matter)
     assert (labels != src.read_array("label")).any()  # and not the labeler's
@@ -154,6 +176,17 @@ def test_the_unrefined_baseline_says_why_it_is_skipped_without_refinement(tmp_pa
     assert "unrefined_dataset" not in summary
     assert set(summary["evaluation"]["methods"]) == {"handsoff"}
     assert "did not refine" in summary["evaluation"]["skipped"]["unrefined"]
+
+
+def test_the_mirrored_pass_is_on_for_the_built_in_domain_only_unless_asked():
+    from labelfoundry.config import RefineSection
+
+    assert RefineSection().resolved_mirror("toyfaces", 10) == list(range(10))
+    assert RefineSection().resolved_mirror("folder", 3) is None  # a folder's classes may be left/right ones
+    assert RefineSection(mirror="on", mirror_classes=[0, 2, 1]).resolved_mirror("folder", 3) == [0, 2, 1]
+    assert RefineSection(mirror="off").resolved_mirror("toyfaces", 10) is None
+    with pytest.raises(ValueError, match="permutation of the 3 class ids"):
+        RefineSection(mirror="on", mirror_classes=[0, 1]).resolved_mirror("folder", 3)
 
 
 def test_refine_is_skipped_where_it_does_not_apply():

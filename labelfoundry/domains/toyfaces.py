@@ -25,6 +25,9 @@ COLORS = (
 KEYPOINTS = ("left_eye", "right_eye", "nose_tip", "mouth_left", "mouth_right")
 SCHEMA = LabelSchema(CLASSES, COLORS, KEYPOINTS)
 RARE_CLASSES = ("glasses", "hat")
+# No class is a left/right one (both eyes are "eyes"): a mirrored face has the mirrored labels, so
+# a mirrored prediction can be averaged in class for class (labelfoundry.refine.relabel's mirror).
+MIRROR_CLASSES = tuple(range(len(CLASSES)))
 
 _SPLIT_BASE = {"train": 0, "val": 1_000_000_000, "test": 2_000_000_000}
 _SKIN = np.array([[255, 224, 196], [234, 192, 160], [198, 145, 110], [150, 100, 70], [95, 62, 42]], np.float32)
