@@ -58,7 +58,7 @@ FULL_OVERRIDES = {
     # The headline configuration: more samples, longer refiner and downstream schedules, 3 seeds, the controls.
     "run_dir": "runs/full",
     "generate": {"num_samples": 3000},
-    "refine": {"members": 3, "steps": 1000},
+    "refine": {"enabled": True},
     "downstream": {"max_steps": 1000, "test_images": 1000, "seeds": 3, "workers": 2,
                    "baselines": ["labeled_only", "oracle", "unfiltered", "unrefined", "finetuned"]},
 }

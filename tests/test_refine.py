@@ -193,7 +193,7 @@ def test_refine_is_skipped_where_it_does_not_apply():
     from labelfoundry.config import load_config
     from tasks.refine import refine_skipped
 
-    assert refine_skipped(load_config()) is None  # the demo refines
-    assert "enabled is false" in refine_skipped(load_config(overrides={"refine": {"enabled": False}}))
-    why = refine_skipped(load_config(overrides={"labeler": {"method": "labels4free"}}))
+    assert "enabled is false" in refine_skipped(load_config())  # the demo does not refine (the headline does)
+    assert refine_skipped(load_config(overrides={"refine": {"enabled": True}})) is None
+    why = refine_skipped(load_config(overrides={"refine": {"enabled": True}, "labeler": {"method": "labels4free"}}))
     assert why is not None and "foreground" in why
