@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
 from .inversion.optimize import InversionConfig
 from .labelers.registry import DEFAULT_METHOD, REGISTRY
@@ -28,6 +28,14 @@ LabelerConfig = Annotated[
     Union[tuple(Annotated[e.config_class(), Tag(m)] for m, e in REGISTRY.items())],  # type: ignore[misc]
     Discriminator(_labeler_method),
 ]
+
+
+def _yaml_on_off(v):
+    """YAML reads a bare on / off as true / false (`--set generate.compile=on` too): take them."""
+    return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
+
+
+AutoOnOff = Annotated[Literal["auto", "on", "off"], BeforeValidator(_yaml_on_off)]
 
 
 class _Strict(BaseModel):
@@ -125,19 +133,13 @@ class GenerateSection(_Strict):
         "(CUDA, CPUs with AVX512-BF16/AMX), else fp32. Softmax and uncertainty are fp32 either way. HandsOff "
         "is checked against fp32 in bf16 (tests/test_handsoff.py); the other labelers are not yet, hence fp32 by default"
     )
-    compile: Literal["auto", "on", "off"] = Field(
+    compile: AutoOnOff = Field(
         "auto", description="label with the torch.compile'd pass (HandsOff; labelfoundry.labelers.handsoff_compiled): "
         "1.06-1.5x the labeled samples/s at 64² on CPU with the default 3 x 128 labeler (README; labelers wider than "
         "handsoff_compiled's max_width, measured slower, stay eager), for one compilation per worker process (~15-25 s, needs a C++ "
         "compiler on CPU, Triton on CUDA; without one it warns and labels eagerly). auto = on from "
         f"{COMPILE_FROM_SAMPLES:,} samples, where the compilation pays for itself"
     )
-
-    @field_validator("compile", mode="before")
-    @classmethod
-    def _yaml_on_off(cls, v):
-        """YAML reads a bare on / off as true / false (`--set generate.compile=on` too): take them."""
-        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
 
     @property
     def compile_labels(self) -> bool:
@@ -180,18 +182,12 @@ class RefineSection(_Strict):
     workers: int = Field(2, ge=1, le=64, description="members trained side by side in this many spawned processes "
                          "(one thread each; the labels do not depend on it)")
     batch: int = Field(64, ge=1, description="images per relabeling forward pass")
-    mirror: Literal["auto", "on", "off"] = Field(
+    mirror: AutoOnOff = Field(
         "auto", description="also predict each mirrored image and average it in (test-time flip): auto = on for "
         "the built-in domain, whose classes have no left/right, off for a labeled folder; on needs mirror_classes "
         "when a class is a left/right one. Off for domains that are not mirror-symmetric (text, for example)")
     mirror_classes: list[int] | None = Field(None, description="class id each class becomes in a mirrored image "
                                              "(e.g. [0, 2, 1] when classes 1 and 2 are left and right); None: itself")
-
-    @field_validator("mirror", mode="before")
-    @classmethod
-    def _yaml_on_off(cls, v):
-        """YAML reads a bare on / off as true / false: take them."""
-        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
 
     @property
     def resolved_finetune_steps(self) -> int:
