@@ -69,12 +69,17 @@ def labeled_dataset(labeled, task: str, resolution: int, sigma: float):
 
 
 def generated_set(store_path: str, filter_: str | None, array: str = "label"):
-    """(opened dataset, training items of `array`) of a generated store: read into memory once where
-    they fit, instead of one shard read per sample per step; streamed from the shards otherwise."""
+    """(opened dataset, training items of `array`) of a generated store (see `training_items`)."""
     opened = storage.open_dataset(store_path, filter=filter_)
+    return opened, training_items(opened, array)
+
+
+def training_items(opened, array: str = "label"):
+    """The selected samples' (image, `array`) items: read into memory once where they fit, instead of
+    one shard read per sample per step; streamed from the shards otherwise."""
     item = functools.partial(generated_item, array=array)
     fits = opened.nbytes(["image", array]) <= IN_MEMORY_MAX_BYTES
-    return opened, opened.in_memory(["image", array], transform=item) if fits else opened.dataset(transform=item)
+    return opened.in_memory(["image", array], transform=item) if fits else opened.dataset(transform=item)
 
 
 @task(name="train-evaluate", task_run_name=names.train_evaluate, retries=1, retry_condition_fn=retry_transient)
@@ -229,7 +234,10 @@ def evaluate_stage(cfg, run_dir: Path, inverted: Artifact, store_path: str, mh: 
             return {**ds_cfg, "finetune_on_labeled": True}
         return ds_cfg if name in generated else plain_cfg  # no_oversample and baselines draw uniformly
 
-    unrefined_mh = storage.manifest_hash(unrefined) if "unrefined" in baselines else None
+    # each generated-data method's store and the manifest hash its cache key carries
+    sources = {ours: (store_path, mh + fh), "unfiltered": (store_path, mh)}
+    if "unrefined" in baselines:
+        sources["unrefined"] = (unrefined, storage.manifest_hash(unrefined))
     jobs = []  # (method name, task, parameters): one training per method and seed
     for name in [ours, *baselines]:
         m = ours if name in ("no_oversample", "finetuned") else name  # variants of ours (own cache keys)
@@ -239,8 +247,8 @@ def evaluate_stage(cfg, run_dir: Path, inverted: Artifact, store_path: str, mh: 
             # quote: values built here are no task's result; Prefect's input tracking (by id) would
             # otherwise take a recycled id for a finished train-evaluate's result and draw a false edge
             params = {"inverted": inverted, **{k: quote(v) for k, v in dict(
-                method=m, run_dir=str(run_dir), store_path=(unrefined if m == "unrefined" else store_path) if m in generated else None,
-                manifest_hash_=(mh + fh if m == ours else unrefined_mh if m == "unrefined" else mh) if m in generated else None,
+                method=m, run_dir=str(run_dir), store_path=sources.get(m, (None, None))[0],
+                manifest_hash_=sources.get(m, (None, None))[1],
                 labeled_cfg=cfg.labeled.model_dump(), downstream_cfg=method_cfg(name), resolution=R,
                 num_outputs=len(names), binary=binary, seed=seed, code_version=cv, device=device, task=task, sigma=sigma,
                 array=array,

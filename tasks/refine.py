@@ -7,6 +7,7 @@ label arrays, `label` and `uncertainty` from the ensemble. The source store is n
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -26,7 +27,7 @@ from storage.manifest import COMPUTED_COLUMNS, FLAG_COLUMNS
 
 from . import names
 from .common import Artifact, LabelerArtifact, cached, file_hash, log_progress, retry_transient, run_side_by_side, torch_threads
-from .evaluate import generated_set, labeled_dataset
+from .evaluate import labeled_dataset, training_items
 
 # the refined store's manifest keeps the labeler's own scores beside the ensemble's
 UNREFINED = {"score": "score_unrefined", "score_top10": "score_top10_unrefined"}
@@ -51,9 +52,10 @@ def refine_member_task(run_dir: str, store_path: str, manifest_hash_: str, inver
     """One ensemble member trained on every generated sample, then fine-tuned on the labeled images;
     its weights as a safetensors file (checkpoints under run_dir/refine resume a killed training)."""
     log = get_run_logger()
-    # every sample the labeler did not refuse (the filter drops the refused ones from the refined store too)
-    refused = "rejected" in storage.open_dataset(store_path, filter=None).manifest.columns
-    _, generated = generated_set(store_path, "rejected == False" if refused else None)
+    opened = storage.open_dataset(store_path, filter=None)
+    if "rejected" in opened.manifest.columns:  # not the samples the labeler refused (the filter drops them from the refined store too)
+        opened = dataclasses.replace(opened, manifest=opened.manifest[~opened.manifest["rejected"].astype(bool)])
+    generated = training_items(opened)
     labeled = labeled_dataset(np.load(Path(inverted.path).parent / "labeled.npz"), "segmentation", resolution, 2.0)
     training = refine_cfg.model_dump(exclude={"workers", "batch", "enabled", "mirror", "mirror_classes"})
     key = hashlib.sha256(json.dumps([store_path, manifest_hash_, inverted.hash, training, seed, code_version],
