@@ -160,6 +160,16 @@ class FilterSection(_Strict):
     class_balance: dict[str, float] = Field(default_factory=dict, description="class name -> min kept fraction of samples containing it")
 
 
+class RefinerTraining(_Strict):
+    """What a refiner's weights depend on (its cache key): not how many there are, nor how they run."""
+
+    arch: Arch
+    steps: int
+    finetune_steps: int
+    batch_size: int
+    lr: float
+
+
 class RefineSection(_Strict):
     """Self-training of the generated labels (labelfoundry.refine): `members` segmenters trained on the
     generated images with the labeler's labels, each fine-tuned on the labeled images, relabel every
@@ -190,8 +200,10 @@ class RefineSection(_Strict):
                                              "(e.g. [0, 2, 1] when classes 1 and 2 are left and right); None: itself")
 
     @property
-    def resolved_finetune_steps(self) -> int:
-        return self.finetune_steps or max(50, self.steps // 5)
+    def training(self) -> RefinerTraining:
+        """Each member's training (fine-tune steps resolved: None is max(50, steps / 5))."""
+        return RefinerTraining(arch=self.arch, steps=self.steps, finetune_steps=self.finetune_steps or max(50, self.steps // 5),
+                               batch_size=self.batch_size, lr=self.lr)
 
     def resolved_mirror(self, source: str, num_classes: int) -> list[int] | None:
         """The class permutation of the mirrored pass (None: no mirrored pass) for a labeled source."""

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 import storage
 from labelfoundry.atomic import atomic_path
-from labelfoundry.config import RefineSection, RunConfig
+from labelfoundry.config import RefinerTraining, RunConfig
 from labelfoundry.refine import build_member, relabel, train_member
 from labelfoundry.segmenters import TrainConfig
 from storage.manifest import COMPUTED_COLUMNS, FLAG_COLUMNS
@@ -47,7 +47,7 @@ def refine_skipped(cfg: RunConfig) -> str | None:
 
 
 @task(name="refine-member", task_run_name=names.refine_member, retries=1, retry_condition_fn=retry_transient)
-def refine_member_task(run_dir: str, store_path: str, manifest_hash_: str, inverted: Artifact, refine_cfg: RefineSection,
+def refine_member_task(run_dir: str, store_path: str, manifest_hash_: str, inverted: Artifact, training: RefinerTraining,
                        num_classes: int, resolution: int, seed: int, code_version: str, device: str) -> Artifact:
     """One ensemble member trained on every generated sample, then fine-tuned on the labeled images;
     its weights as a safetensors file (checkpoints under run_dir/refine resume a killed training)."""
@@ -57,15 +57,14 @@ def refine_member_task(run_dir: str, store_path: str, manifest_hash_: str, inver
         opened = dataclasses.replace(opened, manifest=opened.manifest[~opened.manifest["rejected"].astype(bool)])
     generated = training_items(opened)
     labeled = labeled_dataset(np.load(Path(inverted.path).parent / "labeled.npz"), "segmentation", resolution, 2.0)
-    training = refine_cfg.model_dump(exclude={"workers", "batch", "enabled", "mirror", "mirror_classes"})
-    key = hashlib.sha256(json.dumps([store_path, manifest_hash_, inverted.hash, training, seed, code_version],
+    key = hashlib.sha256(json.dumps([store_path, manifest_hash_, inverted.hash, training.model_dump(), seed, code_version],
                                     sort_keys=True).encode()).hexdigest()[:12]
     out = Path(run_dir) / "refine" / f"member-{key}"
-    train_cfg = TrainConfig(lr=refine_cfg.lr, batch_size=refine_cfg.batch_size, max_steps=refine_cfg.steps, seed=seed,
-                            checkpoint_every=max(100, refine_cfg.steps // 4), log_every=100)
+    train_cfg = TrainConfig(lr=training.lr, batch_size=training.batch_size, max_steps=training.steps, seed=seed,
+                            checkpoint_every=max(100, training.steps // 4), log_every=100)
     with torch_threads(1):  # one thread per process, members side by side: the same weights whatever ran before
-        model = train_member(generated, labeled, arch=refine_cfg.arch, num_classes=num_classes, train_cfg=train_cfg,
-                             finetune_steps=refine_cfg.resolved_finetune_steps, out_dir=out, device=device,
+        model = train_member(generated, labeled, arch=training.arch, num_classes=num_classes, train_cfg=train_cfg,
+                             finetune_steps=training.finetune_steps, out_dir=out, device=device,
                              progress=log_progress(log, f"refiner (seed {seed}) training"))
     path = out / "member.safetensors"
     with atomic_path(path) as tmp:
@@ -94,11 +93,11 @@ def shard_rows(manifest: pd.DataFrame, layout, index: int) -> pd.DataFrame:
 @task(name="refine-shards", task_run_name=names.refine_shards, retries=2, retry_condition_fn=retry_transient,
       retry_delay_seconds=1)
 def refine_shards_task(src_path: str, dst_path: str, shard_indices: list[int], members: list[Artifact],
-                       refine_cfg: RefineSection, num_classes: int, device: str, mirror: list[int] | None = None) -> list[int]:
+                       arch: str, batch: int, num_classes: int, device: str, mirror: list[int] | None = None) -> list[int]:
     """Relabel the source's shards into the refined store; committed ones are skipped (idempotent)."""
     log = get_run_logger()
     with torch_threads(1):
-        nets = load_members(members, refine_cfg.arch, num_classes, device)
+        nets = load_members(members, arch, num_classes, device)
         src = storage.open_dataset(src_path, filter=None)
         manifest = src.manifest
         with storage.ShardStore.open(dst_path, mode="a") as dst:
@@ -108,7 +107,7 @@ def refine_shards_task(src_path: str, dst_path: str, shard_indices: list[int], m
                     continue
                 ids = np.asarray(dst.shard_range(index))
                 arrays = {name: src.read_array(name, ids) for name in dst.layout.arrays}
-                new = relabel(nets, arrays["image"], batch=refine_cfg.batch, device=device, mirror=mirror)
+                new = relabel(nets, arrays["image"], batch=batch, device=device, mirror=mirror)
                 arrays["label"], arrays["uncertainty"] = new["label"], new["uncertainty"].astype(np.float16)
                 rows = shard_rows(manifest, src.layout, index).rename(columns=UNREFINED)
                 rows["score"], rows["score_top10"] = new["score"], new["score_top10"]
@@ -131,7 +130,7 @@ def refine_stage(cfg: RunConfig, run_dir: Path, inverted: Artifact, labeler: Lab
     num_classes = labeler.num_outputs
     mirror = rc.resolved_mirror(cfg.labeled.source, num_classes)  # a bad permutation fails here, before any training
     params = [{k: quote(v) for k, v in dict(
-        run_dir=str(run_dir), store_path=store_path, manifest_hash_=mh, inverted=inverted, refine_cfg=rc,
+        run_dir=str(run_dir), store_path=store_path, manifest_hash_=mh, inverted=inverted, training=rc.training,
         num_classes=num_classes, resolution=labeler.resolution, seed=cfg.seed + i, code_version=cv, device=device).items()}
         for i in range(rc.members)]
     members = run_side_by_side([(cached(refine_member_task, run_dir), p) for p in params], rc.workers)
@@ -154,8 +153,8 @@ def refine_stage(cfg: RunConfig, run_dir: Path, inverted: Artifact, labeler: Lab
     todo = dst.uncommitted_shards()
     groups = [g for g in np.array_split(np.asarray(todo, dtype=int), min(rc.workers, len(todo)) or 1) if len(g)]
     shard_jobs = [(refine_shards_task, {k: quote(v) for k, v in dict(
-        src_path=store_path, dst_path=path, shard_indices=[int(i) for i in g], members=members, refine_cfg=rc,
-        num_classes=num_classes, device=device, mirror=mirror).items()}) for g in groups]
+        src_path=store_path, dst_path=path, shard_indices=[int(i) for i in g], members=members, arch=rc.arch,
+        batch=rc.batch, num_classes=num_classes, device=device, mirror=mirror).items()}) for g in groups]
     run_side_by_side(shard_jobs, rc.workers)
     missing = storage.ShardStore.open(path).uncommitted_shards()
     if missing:
