@@ -18,6 +18,17 @@ from labelfoundry.report import histogram_png, inline_images, markdown_table, ro
 from . import names
 
 
+def refined_from(provenance: dict) -> list[str]:
+    """The report's line on where a refined store's labels come from (none for a generated store)."""
+    if "refined_from" not in provenance:
+        return []
+    members = len(provenance.get("refine_members", []))
+    mirrored = "with" if provenance.get("refine_mirror") else "without"
+    return [f"Labels refined by {members} self-trained segmenters ({mirrored} the mirrored pass) from the labeler's "
+            f"labels in `{provenance['refined_from']}`; uncertainty and scores are theirs (the labeler's scores are "
+            "the manifest's `score_unrefined` columns).", ""]
+
+
 def dataset_report(store_path: str, out_dir: Path, counts: dict, max_rows: int = 8) -> str:
     """Write report PNGs for a generated dataset and return its markdown."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -27,7 +38,8 @@ def dataset_report(store_path: str, out_dir: Path, counts: dict, max_rows: int =
     kept = m[m["keep"]] if "keep" in m else m
     dropped = m[~m["keep"]] if "keep" in m else m.iloc[:0]
     picks = {"kept": kept.sort_values("sample_id").head(max_rows), "most-uncertain": dropped.sort_values("score", ascending=False).head(4)}
-    lines = [f"# Dataset `{store_path}`", "", markdown_table(list(counts), [list(counts.values())]), ""]
+    lines = [f"# Dataset `{store_path}`", "", *refined_from(store.layout.provenance),
+             markdown_table(list(counts), [list(counts.values())]), ""]
     for name, rows in picks.items():
         if rows.empty:
             continue

@@ -134,6 +134,8 @@ def test_the_refined_store_holds_the_ensembles_labels_beside_the_source(refined)
     assert "keep" in storage.ShardStore.open(dst_path).manifest().columns
     assert storage.ShardStore.open(src_path).filter_names() == []
     assert s["filter"]["total"] == 64
+    report = (refined["run_dir"] / "report" / "dataset.md").read_text()  # the report says whose labels these are
+    assert f"Labels refined by 2 self-trained segmenters (with the mirrored pass) from the labeler's labels in `{src_path}`" in report
     # downstream: ours on the refined store's kept samples, the control on every sample with the labeler's labels
     methods = s["evaluation"]["methods"]
     assert methods["handsoff"]["train_samples"] == s["filter"]["kept"] < 64
