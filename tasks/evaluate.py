@@ -124,16 +124,18 @@ def train_eval_task(
                                      resolution, code_version, task, sigma, array], sort_keys=True).encode()).hexdigest()[:12]
     out = Path(run_dir) / "evaluate" / f"{method}-{key}"
     transfer = method == "imagenet_transfer"
+    finetune = ds["finetune_on_labeled"] and method in REGISTRY
+    what = f"{method} + fine-tune" if finetune else method  # the log's name for it (the finetuned variant trains ours)
     with torch_threads(ds["torch_threads"]):  # a fixed count: float sums, hence metrics, never depend on what ran before
         metrics = train_and_evaluate(
             train, test, task=task, arch=ds["transfer_arch"] if transfer else ds["arch"], num_outputs=num_outputs,
             out_dir=out, train_cfg=_train_cfg(ds, seed), device=device, sample_weights=weights, examples=ds["examples"],
-            finetune_data=labeled_set if ds["finetune_on_labeled"] and method in REGISTRY else None,
-            progress=log_progress(log, f"{method} (seed {seed}) training"),
+            finetune_data=labeled_set if finetune else None,
+            progress=log_progress(log, f"{what} (seed {seed}) training"),
         )
     key_metric = HEADLINE[task][0]
     value = metrics[key_metric]
-    log.info("%s (seed %d): %s %s on %d test images", method, seed, key_metric,
+    log.info("%s (seed %d): %s %s on %d test images", what, seed, key_metric,
              "undefined" if value is None else f"{value:.4f}", len(test))
     return metrics
 

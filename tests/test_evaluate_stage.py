@@ -20,11 +20,13 @@ def _run(make_config, tmp_path, name):
     return json.loads((run / "metrics.json").read_text()), run
 
 
-def test_transfer_baseline_is_skipped_and_named_without_weights_then_runs_with_them(tmp_path, make_config, monkeypatch):
+def test_transfer_baseline_is_skipped_and_named_without_weights_then_runs_with_them(tmp_path, make_config, monkeypatch, capfd):
     import torchvision
 
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     metrics, run = _run(make_config, tmp_path, "absent")
+    log = "".join(capfd.readouterr())  # the run's log, as a user sees it
+    assert "handsoff + fine-tune (seed 0): miou" in log and "handsoff (seed 0): miou" in log  # each variant named
     assert "imagenet_transfer" not in metrics["methods"]
     # the fine-tuned variant of ours trains in its own directory and then fine-tunes on the labeled images
     tuned = [d for d in (run / "evaluate").glob("handsoff-*") if (d / "finetune").is_dir()]
