@@ -15,17 +15,29 @@ def _run(make_config, tmp_path, name):
 
     cfg = make_config(tmp_path / name, tmp_path / name / "run", downstream={
         "baselines": ["labeled_only", "imagenet_transfer", "finetuned"], "transfer_arch": "unet", "examples": 3})
-    factory(config=str(cfg))
+    state = factory(config=str(cfg), return_state=True)
+    assert state.is_completed(), f"factory ended in {state!r}"
     run = tmp_path / name / "run"
-    return json.loads((run / "metrics.json").read_text()), run
+    return json.loads((run / "metrics.json").read_text()), run, state.state_details.flow_run_id
 
 
-def test_transfer_baseline_is_skipped_and_named_without_weights_then_runs_with_them(tmp_path, make_config, monkeypatch, capfd):
+def _run_log(flow_run_id) -> str:
+    """The run's log as the Prefect UI shows it (every record sent to the API)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=30)
+    with get_client(sync_client=True) as client:
+        return "\n".join(r.message for r in client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]))))
+
+
+def test_transfer_baseline_is_skipped_and_named_without_weights_then_runs_with_them(tmp_path, make_config, monkeypatch):
     import torchvision
 
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
-    metrics, run = _run(make_config, tmp_path, "absent")
-    log = "".join(capfd.readouterr())  # the run's log, as a user sees it
+    metrics, run, fid = _run(make_config, tmp_path, "absent")
+    log = _run_log(fid)
     assert "handsoff + fine-tune (seed 0): miou" in log and "handsoff (seed 0): miou" in log  # each variant named
     assert "imagenet_transfer" not in metrics["methods"]
     # the fine-tuned variant of ours trains in its own directory and then fine-tunes on the labeled images
@@ -44,7 +56,7 @@ def test_transfer_baseline_is_skipped_and_named_without_weights_then_runs_with_t
     name = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url.rsplit("/", 1)[-1]
     (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
     torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "hub" / "checkpoints" / name)
-    metrics, _ = _run(make_config, tmp_path, "present")
+    metrics, _, _ = _run(make_config, tmp_path, "present")
     assert metrics["skipped"] == {}
     t = metrics["methods"]["imagenet_transfer"]
     assert t["train_samples"] == metrics["methods"]["labeled_only"]["train_samples"] == 4
