@@ -14,6 +14,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.utilities.annotations import quote
 
 import storage
+from storage.filters import FilterSpec
 from labelfoundry.domains import toyfaces
 from labelfoundry.domains.base import resize_labeled
 from labelfoundry.evaluation import (
@@ -68,18 +69,14 @@ def labeled_dataset(labeled, task: str, resolution: int, sigma: float):
     return task_dataset(task, labeled["image"], {k: labeled[k] for k in labeled.files if k != "image"}, sigma)
 
 
-def generated_set(store_path: str, filter_: str | None, array: str = "label"):
-    """(opened dataset, training items of `array`) of a generated store (see `training_items`)."""
+def generated_set(store_path: str, filter_: FilterSpec, array: str = "label"):
+    """(opened dataset, training items of `array`) of a generated store (`filter_` as open_dataset takes
+    it): read into memory once where they fit, instead of one shard read per sample per step;
+    streamed from the shards otherwise."""
     opened = storage.open_dataset(store_path, filter=filter_)
-    return opened, training_items(opened, array)
-
-
-def training_items(opened, array: str = "label"):
-    """The selected samples' (image, `array`) items: read into memory once where they fit, instead of
-    one shard read per sample per step; streamed from the shards otherwise."""
     item = functools.partial(generated_item, array=array)
     fits = opened.nbytes(["image", array]) <= IN_MEMORY_MAX_BYTES
-    return opened.in_memory(["image", array], transform=item) if fits else opened.dataset(transform=item)
+    return opened, opened.in_memory(["image", array], transform=item) if fits else opened.dataset(transform=item)
 
 
 @task(name="train-evaluate", task_run_name=names.train_evaluate, retries=1, retry_condition_fn=retry_transient)

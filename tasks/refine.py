@@ -7,7 +7,6 @@ label arrays, `label` and `uncertainty` from the ensemble. The source store is n
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -27,7 +26,7 @@ from storage.manifest import COMPUTED_COLUMNS, FLAG_COLUMNS
 
 from . import names
 from .common import Artifact, LabelerArtifact, cached, file_hash, log_progress, retry_transient, run_side_by_side, torch_threads
-from .evaluate import labeled_dataset, training_items
+from .evaluate import generated_set, labeled_dataset
 
 # the refined store's manifest keeps the labeler's own scores beside the ensemble's
 UNREFINED = {"score": "score_unrefined", "score_top10": "score_top10_unrefined"}
@@ -46,16 +45,21 @@ def refine_skipped(cfg: RunConfig) -> str | None:
     return None
 
 
+def not_refused(manifest: pd.DataFrame) -> np.ndarray:
+    """Mask of the samples the labeler did not refuse (the filter drops the refused ones from the
+    refined store too): every sample where the labeler refuses none."""
+    if "rejected" not in manifest.columns:
+        return np.ones(len(manifest), dtype=bool)
+    return ~manifest["rejected"].to_numpy(dtype=bool)
+
+
 @task(name="refine-member", task_run_name=names.refine_member, retries=1, retry_condition_fn=retry_transient)
 def refine_member_task(run_dir: str, store_path: str, manifest_hash_: str, inverted: Artifact, training: RefinerTraining,
                        num_classes: int, resolution: int, seed: int, code_version: str, device: str) -> Artifact:
     """One ensemble member trained on every generated sample, then fine-tuned on the labeled images;
     its weights as a safetensors file (checkpoints under run_dir/refine resume a killed training)."""
     log = get_run_logger()
-    opened = storage.open_dataset(store_path, filter=None)
-    if "rejected" in opened.manifest.columns:  # not the samples the labeler refused (the filter drops them from the refined store too)
-        opened = dataclasses.replace(opened, manifest=opened.manifest[~opened.manifest["rejected"].astype(bool)])
-    generated = training_items(opened)
+    _, generated = generated_set(store_path, not_refused)
     labeled = labeled_dataset(np.load(Path(inverted.path).parent / "labeled.npz"), "segmentation", resolution, 2.0)
     key = hashlib.sha256(json.dumps([store_path, manifest_hash_, inverted.hash, training.model_dump(), seed, code_version],
                                     sort_keys=True).encode()).hexdigest()[:12]

@@ -11,14 +11,13 @@ pytestmark = [pytest.mark.slow, pytest.mark.prefect]
 
 
 def _run(make_config, tmp_path, name):
-    from flows.factory import factory
+    from tests.test_flow import run_factory
 
     cfg = make_config(tmp_path / name, tmp_path / name / "run", downstream={
         "baselines": ["labeled_only", "imagenet_transfer", "finetuned"], "transfer_arch": "unet", "examples": 3})
-    state = factory(config=str(cfg), return_state=True)
-    assert state.is_completed(), f"factory ended in {state!r}"
+    _, fid = run_factory(cfg)
     run = tmp_path / name / "run"
-    return json.loads((run / "metrics.json").read_text()), run, state.state_details.flow_run_id
+    return json.loads((run / "metrics.json").read_text()), run, fid
 
 
 def _run_log(flow_run_id) -> str:

@@ -203,3 +203,13 @@ def test_refine_is_skipped_where_it_does_not_apply():
     assert refine_skipped(load_config(overrides={"refine": {"enabled": True}})) is None
     why = refine_skipped(load_config(overrides={"refine": {"enabled": True}, "labeler": {"method": "labels4free"}}))
     assert why is not None and "foreground" in why
+
+
+def test_refiners_train_on_every_sample_the_labeler_did_not_refuse():
+    import pandas as pd
+
+    from tasks.refine import not_refused
+
+    m = pd.DataFrame({"sample_id": [0, 1, 2], "rejected": [False, True, False]})
+    np.testing.assert_array_equal(not_refused(m), [True, False, True])
+    np.testing.assert_array_equal(not_refused(m.drop(columns="rejected")), [True, True, True])  # a labeler that refuses none
