@@ -231,6 +231,10 @@ def test_seeds_summarize_to_mean_and_std_per_method_and_class():
 def test_plateau_rule_picks_the_last_real_gain_or_none_while_rising():
     from labelfoundry.evaluation import plateau_step
 
-    assert plateau_step([0.1, 0.3, 0.40, 0.402, 0.401, 0.403, 0.5]) == 2  # 3 evaluations without a 0.005 gain
+    assert plateau_step([0.1, 0.3, 0.40, 0.402, 0.401, 0.403, 0.5], patience=3) == 2  # 3 evaluations without a 0.005 gain
+    # a slow climb (0.001 per evaluation) is still learning: the default patience waits for it, 3 does not
+    climb = [0.5, 0.7, 0.8] + [0.8 + 0.001 * k for k in range(1, 13)] + [0.812] * 10
+    assert plateau_step(climb, patience=3) == 2
+    assert plateau_step(climb) == 14  # 0.812, the last gain of more than 0.005 (over 0.806 at index 8)
     assert plateau_step([0.1, 0.2, 0.3, 0.4]) is None  # still rising: the schedule is too short
-    assert plateau_step([None, 0.2, float("nan"), 0.2, 0.2, 0.2]) == 1
+    assert plateau_step([None, 0.2, float("nan"), 0.2, 0.2, 0.2], patience=3) == 1
