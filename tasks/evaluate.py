@@ -212,6 +212,7 @@ def evaluate_stage(cfg, run_dir: Path, inverted: Artifact, store_path: str, mh: 
         raise ValueError(f"downstream.oversample: unknown classes {unknown}; valid classes: {names}")
     ds_cfg.pop("seeds")  # not a training input: seed i's cache entry is the same whatever the number of seeds
     ds_cfg.pop("workers")  # nor is how many trainings run at once
+    oracle_steps = ds_cfg.pop("oracle_steps")  # the oracle's schedule alone: no other method's cache key carries it
     seeds = [cfg.seed + i for i in range(cfg.downstream.seeds)]
     plain_cfg = {**ds_cfg, "oversample": {}}  # uniform-draw methods: the same cache key with or without oversample
     results, skipped = {}, {}
@@ -231,6 +232,8 @@ def evaluate_stage(cfg, run_dir: Path, inverted: Artifact, store_path: str, mh: 
         """The downstream config a method trains with (its cache key): variants of ours change one key."""
         if name == "finetuned":
             return {**ds_cfg, "finetune_on_labeled": True}
+        if name == "oracle" and oracle_steps is not None:
+            return {**plain_cfg, "max_steps": oracle_steps}
         return ds_cfg if name in generated else plain_cfg  # no_oversample and baselines draw uniformly
 
     # each generated-data method's store and the manifest hash its cache key carries

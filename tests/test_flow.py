@@ -294,6 +294,21 @@ def test_changing_drop_top_retrains_the_filtered_downstream_model(tmp_path, make
     assert s2["evaluation"]["methods"]["unfiltered"]["train_samples"] == 64
 
 
+def test_oracle_steps_retrains_the_oracle_alone(tmp_path, make_config):
+    """downstream.oracle_steps is the reference's own schedule: setting it re-trains the oracle only,
+    for that many steps; set to max_steps it is the default's training (a cache hit)."""
+    cfg = make_config(tmp_path, tmp_path / "run")
+    s1, _ = run_factory(cfg)
+    s2, fid = run_factory(cfg, overrides={"downstream": {"oracle_steps": 7}})
+    states = task_states(fid, STAGES_WITH_DOWNSTREAM + 4)
+    assert states["train-evaluate"] == ["Cached", "Cached", "Completed"], states
+    steps = {m: [r["train_steps"] for r in s2["evaluation"]["methods"][m]["seeds"]] for m in ("handsoff", "labeled_only", "oracle")}
+    assert steps == {"handsoff": [5], "labeled_only": [5], "oracle": [7]}, steps
+    assert s2["evaluation"]["methods"]["handsoff"] == s1["evaluation"]["methods"]["handsoff"]
+    _, fid = run_factory(cfg, overrides={"downstream": {"oracle_steps": 5}})  # = max_steps: the default's training
+    assert set(task_states(fid, STAGES_WITH_DOWNSTREAM + 4)["train-evaluate"]) == {"Cached"}
+
+
 # ----------------------------------------------------------------------------- kill -9 + resume
 def test_kill_9_during_generation_then_rerun_generates_only_uncommitted_shards(tmp_path, make_config):
     import storage
