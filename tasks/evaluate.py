@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import shutil
 import warnings
 from pathlib import Path
 
@@ -39,7 +40,9 @@ from labelfoundry.report import (
     round_record,
     save_png,
 )
+from labelfoundry.atomic import atomic_path
 from labelfoundry.segmenters import TrainConfig
+from labelfoundry.segmenters.checkpoint import checkpoint_path, list_checkpoints
 from labelfoundry.segmenters.models import imagenet_weights_file
 
 from .common import Artifact, cached, log_progress, retry_transient, run_side_by_side, torch_threads
@@ -116,13 +119,19 @@ def train_eval_task(
     else:
         raise ValueError(f"unknown method {method!r}")
     test = as_task(toyfaces_split("test", ds["test_images"], resolution, task=task, sigma=sigma))
-    # One directory per distinct training input: a resumable checkpoint must never be reused for other data.
-    key = hashlib.sha256(json.dumps([method, store_path, manifest_hash_, inverted.hash, downstream_cfg, binary, seed,
-                                     resolution, code_version, task, sigma, array], sort_keys=True).encode()).hexdigest()[:12]
-    out = Path(run_dir) / "evaluate" / f"{method}-{key}"
+
+    def eval_dir(cfg: dict) -> Path:
+        """One directory per distinct training input: a resumable checkpoint must never be reused for other data."""
+        key = hashlib.sha256(json.dumps([method, store_path, manifest_hash_, inverted.hash, cfg, binary, seed, resolution,
+                                         code_version, task, sigma, array], sort_keys=True).encode()).hexdigest()[:12]
+        return Path(run_dir) / "evaluate" / f"{method}-{key}"
+
+    out = eval_dir(downstream_cfg)
     transfer = method == "imagenet_transfer"
     finetune = ds["finetune_on_labeled"] and method in REGISTRY
     what = f"{method} + fine-tune" if finetune else method  # the log's name for it (the finetuned variant trains ours)
+    if finetune and start_from_trained(eval_dir({**downstream_cfg, "finetune_on_labeled": False}), out, ds["max_steps"]):
+        log.info("%s (seed %d): starts from %s (seed %d)'s trained network, fine-tunes only", what, seed, method, seed)
     with torch_threads(ds["torch_threads"]):  # a fixed count: float sums, hence metrics, never depend on what ran before
         metrics = train_and_evaluate(
             train, test, task=task, arch=ds["transfer_arch"] if transfer else ds["arch"], num_outputs=num_outputs,
@@ -135,6 +144,19 @@ def train_eval_task(
     log.info("%s (seed %d): %s %s on %d test images", what, seed, key_metric,
              "undefined" if value is None else f"{value:.4f}", len(test))
     return metrics
+
+
+def start_from_trained(trained: Path, out: Path, steps: int | None) -> bool:
+    """Give a fine-tuned variant the finished training of the same method, seed and inputs (its first
+    phase, bit for bit: seeded, one thread, exact resume) by copying that run's final checkpoint into
+    `out`, so it resumes there and only fine-tunes. False (it trains from scratch) when `out` already
+    holds a checkpoint or the training has not finished."""
+    done = checkpoint_path(trained, steps) if steps else None
+    if done is None or not done.is_file() or list_checkpoints(out):
+        return False
+    with atomic_path(checkpoint_path(out, steps)) as tmp:
+        shutil.copyfile(done, tmp)
+    return True
 
 
 def prediction_examples(results: dict, resolution: int, binary: bool, schema: dict, path: Path,
@@ -256,9 +278,12 @@ def evaluate_stage(cfg, run_dir: Path, inverted: Artifact, store_path: str, mh: 
                 array=array,
             ).items()}}
             jobs.append((name, run, params))
-    # the oracle's trainings (5,000 renders to make first) start first: side by side, the others fill in
+    # the oracle's trainings (5,000 renders to make first) start first: side by side, the others fill in;
+    # the fine-tuned variants last, each from its plain twin's finished training (start_from_trained)
     order = sorted(range(len(jobs)), key=lambda i: jobs[i][0] != "oracle")
-    outcomes = dict(zip(order, run_side_by_side([jobs[i][1:] for i in order], cfg.downstream.workers)))
+    outcomes = {}
+    for wave in ([i for i in order if jobs[i][0] != "finetuned"], [i for i in order if jobs[i][0] == "finetuned"]):
+        outcomes.update(zip(wave, run_side_by_side([jobs[i][1:] for i in wave], cfg.downstream.workers)))
     for name in dict.fromkeys(n for n, _, _ in jobs):
         results[name] = summarize_seeds([outcomes[i] for i, (n, _, _) in enumerate(jobs) if n == name])
     out = {"task": task, "methods": results, "class_names" if task == "segmentation" else "output_names": names,

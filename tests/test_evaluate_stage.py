@@ -38,6 +38,8 @@ def test_transfer_baseline_is_skipped_and_named_without_weights_then_runs_with_t
     metrics, run, fid = _run(make_config, tmp_path, "absent")
     log = _run_log(fid)
     assert "handsoff + fine-tune (seed 0): miou" in log and "handsoff (seed 0): miou" in log  # each variant named
+    # the fine-tuned variant starts from the plain one's finished training instead of repeating it
+    assert "handsoff + fine-tune (seed 0): starts from handsoff (seed 0)'s trained network" in log
     assert "imagenet_transfer" not in metrics["methods"]
     # the fine-tuned variant of ours trains in its own directory and then fine-tunes on the labeled images
     tuned = [d for d in (run / "evaluate").glob("handsoff-*") if (d / "finetune").is_dir()]
@@ -55,7 +57,15 @@ def test_transfer_baseline_is_skipped_and_named_without_weights_then_runs_with_t
     name = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url.rsplit("/", 1)[-1]
     (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
     torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "hub" / "checkpoints" / name)
-    metrics, _, _ = _run(make_config, tmp_path, "present")
+    import tasks.evaluate
+
+    # this time the fine-tuned variant trains from scratch: the same network, bit for bit
+    monkeypatch.setattr(tasks.evaluate, "start_from_trained", lambda *a: False)
+    tuned_before = metrics["methods"]["finetuned"]
+    metrics, _, fid = _run(make_config, tmp_path, "present")
+    assert "starts from handsoff" not in _run_log(fid)
+    for k in ("miou", "per_class_iou", "final_loss", "train_steps"):
+        assert metrics["methods"]["finetuned"][k] == tuned_before[k], k
     assert metrics["skipped"] == {}
     t = metrics["methods"]["imagenet_transfer"]
     assert t["train_samples"] == metrics["methods"]["labeled_only"]["train_samples"] == 4
