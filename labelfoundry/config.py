@@ -237,7 +237,7 @@ class DownstreamSection(_Strict):
     epochs: int = 10
     max_steps: int | None = Field(500, description="training steps per method (None: epochs). 500: as far up the "
                                   "learning curves (docs/evaluation.md) as the demo's 10 minutes allow; the "
-                                  "headline (--full) trains 1,000, where the plateau rule stops")
+                                  "headline (--full) trains 2,000, where the plateau rule stops")
     oracle_steps: int | None = Field(None, ge=1, description="the oracle's training steps (None: max_steps). The "
                                      "reference learns slowest: its small parts appear late (docs/evaluation.md), so "
                                      "the headline (--full) trains it 3,000 steps")
