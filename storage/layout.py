@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import posixpath
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -305,6 +306,16 @@ def build_layout(
     )
 
 
+def datasets_below(root: Any, max_entries: int = 200) -> list[str]:
+    """Datasets one level below `root` or in its `datasets/` folder (a factory run directory), for
+    the error that a path is not a dataset: users often give the folder that holds them."""
+    found = []
+    for sub in ("", "datasets"):
+        names = root.list_names(sub)[:max_entries]
+        found += [posixpath.join(sub, n) for n in names if root.exists(posixpath.join(sub, n, DATASET_JSON))]
+    return found
+
+
 def read_layout(root: Any) -> tuple[Layout, dict[str, Any]]:
     """Load ``dataset.json`` of the dataset at ``root`` (a `fsio.Root`): the one place writer and
     reader agree on what a dataset is. Clear errors for non-datasets and wrong versions."""
@@ -313,10 +324,11 @@ def read_layout(root: Any) -> tuple[Layout, dict[str, Any]]:
     try:
         raw = root.read_bytes(DATASET_JSON)
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
-        raise NotADatasetError(
-            f"{root.describe(DATASET_JSON)} not found: {root.url} is not a labelfoundry dataset. "
-            "Check the path, or create one with ShardStore.create(...)"
-        ) from exc
+        inside = datasets_below(root)
+        hint = (f"It holds {len(inside)} dataset(s): {', '.join(root.describe(d) for d in inside[:5])}"
+                f"{' ...' if len(inside) > 5 else ''}; give one of those" if inside else
+                "Check the path; `labelfoundry generate` (or storage.ShardStore.create) makes one")
+        raise NotADatasetError(f"{root.describe(DATASET_JSON)} not found: {root.url} is not a labelfoundry dataset. {hint}") from exc
     try:
         info = json.loads(raw)
     except ValueError as exc:

@@ -502,6 +502,14 @@ def test_clear_errors(url):
 
     store = _create(url)
     store.write_shard(0, *make_samples(store, 0))
+    # a folder holding datasets (directly or in datasets/, as a run directory does) names them
+    _create(f"{url}-run/datasets/abc")
+    with pytest.raises(NotADatasetError, match=r"It holds 1 dataset\(s\): .*-run/datasets/abc; give one of those"):
+        ShardStore.open(f"{url}-run")
+    with pytest.raises(NotADatasetError, match=r"labelfoundry generate"):
+        ShardStore.open(f"{url}-nowhere")
+    fs, path = fsspec.core.url_to_fs(f"{url}-run")
+    fs.rm(path, recursive=True)
     # identical layout: idempotent, committed shards survive
     assert _create(url).committed_shards() == [0]
     with pytest.raises(LayoutMismatchError, match="samples_per_shard"):
