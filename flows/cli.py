@@ -160,7 +160,7 @@ def _input_problems(cfg) -> list[str]:
 @_one_message
 def run(
     config: Optional[Path] = typer.Argument(None, help="run config YAML; omit for the built-in demo"),
-    full: bool = typer.Option(False, "--full", help="the headline: 16 and 50 labels, 3,000 generated and refined, 2,000 training steps (the oracle 3,000), 3 seeds (~2.5 h on 2 CPU cores)"),
+    full: bool = typer.Option(False, "--full", help="the headline: 16 and 50 labels, 3,000 generated and refined, 2,000 training steps (the oracle 3,000), 3 seeds (about 2 h on 2 CPU cores)"),
     set_: list[str] = typer.Option([], "--set", help="override a config key: --set generate.num_samples=500"),
 ) -> None:
     """Run the whole factory: invert -> fit -> generate -> refine -> filter -> report -> train + evaluate."""
