@@ -229,7 +229,7 @@ def sweep_png(
                 ax.axhline(y, color="gray", linestyle="--", linewidth=1, label=label)
         ax.set_title(name)
         ax.set_xlabel(xlabel)
-        ax.set_xticks(xs[:: max(1, -(-len(xs) // 8))])  # at most 8 ticks: long sweeps stay legible
+        ax.set_xticks(xs[:: max(1, -(-len(xs) // 6))])  # at most 6 ticks: long sweeps stay legible
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("IoU")
