@@ -324,7 +324,10 @@ def read_layout(root: Any) -> tuple[Layout, dict[str, Any]]:
     try:
         raw = root.read_bytes(DATASET_JSON)
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
-        inside = datasets_below(root)
+        try:
+            inside = datasets_below(root)
+        except OSError:  # an unlistable folder: the plain message
+            inside = []
         hint = (f"It holds {len(inside)} dataset(s): {', '.join(root.describe(d) for d in inside[:5])}"
                 f"{' ...' if len(inside) > 5 else ''}; give one of those" if inside else
                 "Check the path; `labelfoundry generate` (or storage.ShardStore.create) makes one")
