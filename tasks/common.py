@@ -3,6 +3,7 @@ and a per-process model cache so threads/workers load each checkpoint once."""
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import errno
 import functools
@@ -130,15 +131,36 @@ def file_hash(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-@functools.cache
-def code_version() -> str:
-    """Package version + a hash of the core sources: a code change invalidates cached stages."""
+def _without_docstrings(tree: ast.AST) -> ast.AST:
+    """The tree with every module, class and function docstring removed (a body left empty gets
+    `pass`), so that only what runs is compared."""
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            body = node.body
+            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
+                    and isinstance(body[0].value.value, str):
+                node.body = body[1:] or [ast.Pass()]
+    return tree
+
+
+def source_fingerprint(root: Path) -> str:
+    """A hash of the Python sources under `root` as parsed code: comments, docstrings, blank lines
+    and formatting do not count, so editing them keeps every cached stage (a dataset can take hours
+    to regenerate); any change to what runs changes it. A file that does not parse counts by its bytes."""
     h = hashlib.sha256()
-    root = Path(labelfoundry.__file__).parent
     for p in sorted(root.rglob("*.py")):
         h.update(p.relative_to(root).as_posix().encode())
-        h.update(p.read_bytes())
-    return f"{labelfoundry.__version__}+{h.hexdigest()[:12]}"
+        try:
+            h.update(ast.dump(_without_docstrings(ast.parse(p.read_bytes()))).encode())
+        except SyntaxError:
+            h.update(p.read_bytes())
+    return h.hexdigest()[:12]
+
+
+@functools.cache
+def code_version() -> str:
+    """Package version + the core sources' fingerprint: a code change invalidates cached stages."""
+    return f"{labelfoundry.__version__}+{source_fingerprint(Path(labelfoundry.__file__).parent)}"
 
 
 def cached(task, run_dir: str | Path, refresh: bool = False, **options):
