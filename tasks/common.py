@@ -8,8 +8,10 @@ import contextlib
 import errno
 import functools
 import hashlib
+import io
 import pickle
 import threading
+import tokenize
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -131,28 +133,38 @@ def file_hash(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def _without_docstrings(tree: ast.AST) -> ast.AST:
-    """The tree with every module, class and function docstring removed (a body left empty gets
-    `pass`), so that only what runs is compared."""
+def _code_lines(src: bytes) -> list[str]:
+    """The source's lines without comments, docstrings and blank lines (trailing spaces dropped).
+    Text, not an AST dump, so that Python 3.11 and 3.12 workers give the same code version."""
+    tree = ast.parse(src)
+    raw = src.splitlines()
+    drop: set[int] = set()  # 0-based lines that are wholly a docstring
     for node in ast.walk(tree):
-        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-            body = node.body
-            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
-                    and isinstance(body[0].value.value, str):
-                node.body = body[1:] or [ast.Pass()]
-    return tree
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            d = node.body[0]
+            if isinstance(d, ast.Expr) and isinstance(d.value, ast.Constant) and isinstance(d.value.value, str):
+                before = raw[d.lineno - 1][: d.col_offset]
+                after = raw[d.end_lineno - 1][d.end_col_offset:].strip()  # AST offsets count UTF-8 bytes
+                if not before.strip() and (not after or after.startswith(b"#")):
+                    drop.update(range(d.lineno - 1, d.end_lineno))
+    lines = src.decode("utf-8").splitlines()
+    for tok in tokenize.tokenize(io.BytesIO(src).readline):
+        if tok.type == tokenize.COMMENT:  # a comment runs to the end of its line
+            row, col = tok.start
+            lines[row - 1] = lines[row - 1][:col]
+    return [line.rstrip() for i, line in enumerate(lines) if i not in drop and line.strip()]
 
 
 def source_fingerprint(root: Path) -> str:
-    """A hash of the Python sources under `root` as parsed code: comments, docstrings, blank lines
-    and formatting do not count, so editing them keeps every cached stage (a dataset can take hours
-    to regenerate); any change to what runs changes it. A file that does not parse counts by its bytes."""
+    """A hash of the Python sources under `root` without comments, docstrings and blank lines, so
+    editing those keeps every cached stage (a dataset can take hours to regenerate); any other
+    change counts. A file that does not parse counts by its bytes."""
     h = hashlib.sha256()
     for p in sorted(root.rglob("*.py")):
         h.update(p.relative_to(root).as_posix().encode())
         try:
-            h.update(ast.dump(_without_docstrings(ast.parse(p.read_bytes()))).encode())
-        except SyntaxError:
+            h.update("\n".join(_code_lines(p.read_bytes())).encode())
+        except (SyntaxError, tokenize.TokenError, UnicodeDecodeError):
             h.update(p.read_bytes())
     return h.hexdigest()[:12]
 
