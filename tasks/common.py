@@ -147,7 +147,7 @@ def _code_lines(src: bytes) -> list[str]:
                 after = raw[d.end_lineno - 1][d.end_col_offset:].strip()  # AST offsets count UTF-8 bytes
                 if not before.strip() and (not after or after.startswith(b"#")):
                     drop.update(range(d.lineno - 1, d.end_lineno))
-    lines = src.decode("utf-8").splitlines()
+    lines = [line.decode("utf-8") for line in raw]  # the same split as the AST's and tokenizer's rows
     for tok in tokenize.tokenize(io.BytesIO(src).readline):
         if tok.type == tokenize.COMMENT:  # a comment runs to the end of its line
             row, col = tok.start

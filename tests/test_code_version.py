@@ -36,3 +36,10 @@ def test_code_lines_are_the_source_text_not_a_version_specific_tree():
            '    "a string statement after code stays"\n    return s\n').encode()
     assert _code_lines(src) == ["import os", "def f(x):", '    s = f"{x}#not a comment"',
                                 '    "a string statement after code stays"', "    return s"]
+
+
+def test_code_lines_count_rows_as_python_does():
+    """A string holding a line separator Python does not split on (\\u2028, form feed) must not
+    shift the rows: the comment and the docstring are still found."""
+    src = 'x = "a\u2028b"  # c\ndef f():\n    """d\x0ce"""\n    return 1  # z\n'.encode()
+    assert _code_lines(src) == ['x = "a\u2028b"', "def f():", "    return 1"]
