@@ -11,10 +11,11 @@ from labelfoundry.labelers.labels4free import (
     Labels4FreeConfig,
     Labels4FreeLabeler,
     alpha_losses,
+    object_contrast,
     suppressed_background,
 )
 
-FAST = dict(steps=3, batch_size=4, r1_interval=2)
+FAST = dict(steps=3, batch_size=4, r1_interval=2, train_discriminator=True, restarts=1)  # the joint-D path; restarts tested apart
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -90,7 +91,7 @@ def test_loss_terms_by_hand():
 
 
 def test_training_losses_finite_and_regularisers_fall(G, D):
-    cfg = Labels4FreeConfig(steps=16, batch_size=4, lr=1e-2, r1_interval=4, seed=3)
+    cfg = Labels4FreeConfig(steps=16, batch_size=4, lr=1e-2, r1_interval=4, seed=3, train_discriminator=True, restarts=1)
     lab = Labels4FreeLabeler.fit(G, FitData(discriminator=D), cfg)
     h = lab.history
     assert len(h) == 16
@@ -130,6 +131,35 @@ def test_label_chunks_do_not_change_results(G, fitted):
     small = Labels4FreeLabeler(fitted.cfg.model_copy(update={"label_chunk": 2}), fitted.tap_channels, fitted.resolution)
     small.load_state_dict(fitted.state_dict())
     torch.testing.assert_close(small.label(b).uncertainty, fitted.label(b).uncertainty)
+
+
+def test_object_contrast_is_high_on_the_object_and_low_off_it():
+    """The object is where the image differs from its object-free background."""
+    bg = torch.zeros(2, 3, 8, 8)
+    fg = bg.clone()
+    fg[:, :, 2:6, 2:6] = 1.0  # the object: a square; |F - B| = 1 there, 0 elsewhere
+    on = torch.zeros(2, 1, 8, 8)
+    on[:, :, 2:6, 2:6] = 0.9
+    half = torch.zeros(2, 1, 8, 8)
+    half[:, :, :, :4] = 0.9  # an image-independent left half: half the object, a quarter of the background
+    torch.testing.assert_close(object_contrast(on, fg, bg), torch.ones(2))
+    torch.testing.assert_close(object_contrast(half, fg, bg), torch.full((2,), 8 / 32 - 8 / 32))
+    assert (object_contrast(torch.zeros(2, 1, 8, 8), fg, bg) < object_contrast(on, fg, bg)).all()  # empty mask: finite
+    assert torch.isfinite(object_contrast(torch.ones(2, 1, 8, 8), fg, bg)).all()
+
+
+def test_restarts_keep_the_highest_contrast_fit_and_each_follows_its_seed(G, D):
+    cfg = Labels4FreeConfig(steps=2, batch_size=4, restarts=3, select_samples=8, seed=5)
+    lab = Labels4FreeLabeler.fit(G, FitData(discriminator=D), cfg)
+    contrasts, chosen = lab.meta["object_contrast"], lab.meta["chosen_restart"]
+    assert lab.meta["restart_seeds"] == [5, 6, 7] and len(contrasts) == 3
+    assert contrasts[chosen] == max(contrasts)
+    # the kept network is exactly a single fit with the chosen restart's seed (initialisation included)
+    alone = Labels4FreeLabeler.fit(G, FitData(discriminator=D), cfg.model_copy(update={"restarts": 1, "seed": 5 + chosen}))
+    assert alone.meta["object_contrast"] == [contrasts[chosen]] and alone.meta["chosen_restart"] == 0
+    for (k, a), b in zip(lab.state_dict().items(), alone.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert len({round(c, 6) for c in contrasts}) > 1  # the restarts differ
 
 
 def test_missing_discriminator_is_a_clear_error(G):
