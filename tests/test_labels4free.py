@@ -174,6 +174,8 @@ def test_independent_background_and_frozen_d_variants(G, D):
     out = lab.label(_batch(G, lab.tap_spec, n=2))
     assert out.label.shape == (2, 16, 16)
     assert len(lab.tap_channels) == 3
+    # a frozen D has no loss: the history reports none rather than NaN
+    assert all("d_loss" not in rec and all(v == v for v in rec.values()) for rec in lab.history)
 
 
 def test_save_load_gives_identical_labels(G, fitted, tmp_path):

@@ -298,7 +298,8 @@ class Labels4FreeLabeler(nn.Module):
             losses["loss"].backward()
             opt_a.step()
             rec = {k: v.item() for k, v in losses.items()}
-            rec["d_loss"] = d_loss.item() if d_loss is not None else float("nan")
+            if d_loss is not None:  # only when D trains: a frozen D has no loss to report
+                rec["d_loss"] = d_loss.item()
             rec["coverage"] = alpha.detach().mean().item()
             self.history.append(rec)
             if progress is not None and (step % 50 == 0 or step == cfg.steps - 1):
