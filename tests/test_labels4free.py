@@ -91,7 +91,8 @@ def test_loss_terms_by_hand():
 
 
 def test_training_losses_finite_and_regularisers_fall(G, D):
-    cfg = Labels4FreeConfig(steps=16, batch_size=4, lr=1e-2, r1_interval=4, seed=3, train_discriminator=True, restarts=1)
+    cfg = Labels4FreeConfig(steps=16, batch_size=4, lr=1e-2, r1_interval=4, seed=3, train_discriminator=True, restarts=1,
+                            init_coverage=None)  # the paper's start, α ≈ 0.5: both regularisers have room to fall
     lab = Labels4FreeLabeler.fit(G, FitData(discriminator=D), cfg)
     h = lab.history
     assert len(h) == 16
@@ -133,6 +134,16 @@ def test_label_chunks_do_not_change_results(G, fitted):
     torch.testing.assert_close(small.label(b).uncertainty, fitted.label(b).uncertainty)
 
 
+def test_alpha_starts_near_init_coverage(G):
+    b = _batch(G, TapSpec())
+    chans = [t.shape[1] for t in b.taps]
+    torch.manual_seed(0)
+    small = AlphaNetwork(chans, G.resolution, hidden=8, merge_convs=1, init_coverage=0.1)(b.taps)
+    torch.manual_seed(0)
+    plain = AlphaNetwork(chans, G.resolution, hidden=8, merge_convs=1)(b.taps)
+    assert abs(small.mean().item() - 0.1) < 0.05 and abs(plain.mean().item() - 0.5) < 0.1
+
+
 def test_object_contrast_is_high_on_the_object_and_low_off_it():
     """The object is where the image differs from its object-free background."""
     bg = torch.zeros(2, 3, 8, 8)
@@ -149,7 +160,8 @@ def test_object_contrast_is_high_on_the_object_and_low_off_it():
 
 
 def test_restarts_keep_the_highest_contrast_fit_and_each_follows_its_seed(G, D):
-    cfg = Labels4FreeConfig(steps=2, batch_size=4, restarts=3, select_samples=8, seed=5)
+    # α ≈ 0.5 at the start (not init_coverage's 0.1), so two steps already give the restarts different masks
+    cfg = Labels4FreeConfig(steps=2, batch_size=4, restarts=3, select_samples=8, seed=5, init_coverage=None)
     lab = Labels4FreeLabeler.fit(G, FitData(discriminator=D), cfg)
     contrasts, chosen = lab.meta["object_contrast"], lab.meta["chosen_restart"]
     assert lab.meta["restart_seeds"] == [5, 6, 7] and len(contrasts) == 3
