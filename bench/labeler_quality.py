@@ -41,7 +41,6 @@ CPU_DEFAULTS: dict[str, dict] = {
     "gradient_matching": {"steps": 300},
     "stylemix": {"n_styles": 50},
     "latent_direction": {"steps": 300, "batch_size": 16},
-    "labels4free": {"steps": 500, "batch_size": 8},
 }
 
 

@@ -75,8 +75,11 @@ class Labels4FreeConfig(BaseModel):
     tap_max_channels: int | None = None
     hidden: int = Field(32, ge=1, description="channels of the per-tap 1x1 projections and the merge convs")
     merge_convs: int = Field(2, ge=0, description="3x3 conv layers after the multi-scale merge")
-    steps: int = Field(1000, ge=1, description="training iterations (authors' trainer: 1000)")
-    batch_size: int = Field(16, ge=1, description="authors' trainer: 16")
+    steps: int = Field(
+        500, ge=1, description="training iterations per restart (authors' trainer: 1000 at batch 16; with the frozen D and "
+        "init_coverage 0.1, 500 at batch 8 gave val fg/bg mIoU 0.875-0.919 on 4 of 4 seeds, 1000 at 16 gave 0.766 / 0.895)"
+    )
+    batch_size: int = Field(8, ge=1, description="authors' trainer: 16 (see steps)")
     lr: float = Field(2e-4, gt=0, description="alpha-network Adam learning rate (authors' trainer)")
     d_lr: float = Field(2e-4, gt=0, description="discriminator Adam learning rate (authors' trainer)")
     betas: tuple[float, float] = (0.0, 0.99)
