@@ -80,7 +80,7 @@ def test_label_end_to_end_deterministic_and_save_load(G, tmp_path):
     # labels come from batch.ws only (inverted real photos pass their ws): image/taps are ignored
     assert torch.equal(lab.label(GenBatch(ws, torch.zeros_like(img), [], G=G)).label, out.label)
     # deterministic: a second fit with the same seed, and independent of batch composition (to float
-    # rounding: a CPU's GEMM kernels may block a batch of one differently from a batch of three; an
+    # rounding: a CPU's kernels may split a batch of one differently from a batch of three; an
     # Intel Xeon with AMX gave uncertainties 1.6e-6 apart)
     again = StyleMixLabeler.fit(G, FitData(), cfg).label(GenBatch(ws[1:2], img[1:2], [], G=G))
     assert torch.equal(again.label[0], out.label[1])
