@@ -337,6 +337,12 @@ def train_generator_cmd(
                                              "the ADA heuristic: 0.0256 at 64², batch 32)"),
     mbstd_group: int = typer.Option(4, help="D's minibatch-std group size (samples whose spread D sees together); "
                                     "like --r1-gamma, give it again when resuming"),
+    batch: int = typer.Option(32, help="images per step (G_ema's half-life and R1's default weight scale with it); "
+                              "give it again when resuming"),
+    snapshot_kimg: float = typer.Option(50.0, help="kimg between kept snapshots (generator-XXXXXXk.safetensors)"),
+    prerender_workers: int = typer.Option(0, help="render the real pool up front in this many processes and hold it "
+                                          "on the device: for GPUs, where rendering each batch would set the pace "
+                                          "(same batches, same result)"),
 ) -> None:
     """Train the built-in StyleGAN2 on toy faces (resumes from <out>/checkpoint.pt)."""
     import shutil
@@ -350,15 +356,21 @@ def train_generator_cmd(
 
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     cfg = GeneratorTrainConfig(total_kimg=kimg, lr=lr, lr_decay_from_kimg=lr_decay_from, lr_final=lr_final, r1_gamma=r1_gamma,
-                               mbstd_group=mbstd_group, d_lr=d_lr)
+                               mbstd_group=mbstd_group, d_lr=d_lr, batch=batch, snapshot_kimg=snapshot_kimg)
     with Progress(TextColumn("[bold]G training"), BarColumn(), TextColumn("{task.fields[info]}"), TimeRemainingColumn()) as bar:
         t = bar.add_task("train", total=kimg, info="")
 
+        last_line = [time.time()]
+
         def prog(d: dict) -> None:
-            bar.update(t, completed=d["kimg"], info=f"kimg {d['kimg']:.1f} D {d['loss_d']:.2f} G {d['loss_g']:.2f} lr {d['lr']:.2g} {d['img_per_s']:.0f} img/s")
+            info = f"kimg {d['kimg']:.1f} D {d['loss_d']:.2f} G {d['loss_g']:.2f} lr {d['lr']:.2g} {d['img_per_s']:.0f} img/s"
+            bar.update(t, completed=d["kimg"], info=info)
+            if not console.is_terminal and time.time() - last_line[0] > 30:  # a log file gets a line every 30 s
+                console.print(info)
+                last_line[0] = time.time()
 
         path = train_generator(cfg, out, device=dev, progress=prog, max_seconds=max_minutes * 60 if max_minutes else None,
-                               init_from=init_from)
+                               init_from=init_from, prerender_workers=prerender_workers)
     if export:
         shutil.copyfile(path, export)
     console.print(f"generator: {path}")

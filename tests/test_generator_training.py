@@ -148,3 +148,28 @@ def test_mbstd_group_sets_which_samples_d_compares(tmp_path, one_thread):
     assert warm.D.b4.mbstd.group_size == 2
     for a, b in zip(warm.D.state_dict().values(), st.D.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_prerendered_pool_gives_the_same_batches_and_steps(one_thread):
+    """The pool (rendered in two spawned processes, in chunks) holds exactly the renders drawn on the
+    fly, so a step from it is the same step; a pool of the wrong size is refused."""
+    from labelfoundry.generators.train import RealPool
+
+    pool = RealPool.render(TINY, DEV, workers=2, chunk=40)
+    assert pool.images.shape == (TINY.real_pool, 16, 16, 3) and pool.images.dtype == torch.uint8
+    a = _real_batch(TINY, np.random.default_rng(5), DEV)
+    b = _real_batch(TINY, np.random.default_rng(5), DEV, pool)
+    assert torch.equal(a, b)
+    plain, pooled = build_state(TINY, DEV), build_state(TINY, DEV)
+    for _ in range(2):
+        la = train_step(plain, TINY, DEV, amp=False)
+        lb = train_step(pooled, TINY, DEV, amp=False, pool=pool)
+        assert [x.item() for x in la] == [x.item() for x in lb]
+    with pytest.raises(ValueError, match="real pool holds"):
+        _real_batch(TINY.model_copy(update={"real_pool": 50}), np.random.default_rng(0), DEV, pool)
+
+
+def test_ema_half_life_scales_with_the_batch_unless_set():
+    assert TINY.model_copy(update={"batch": 32}).ema_half_life_kimg() == 10.0
+    assert TINY.model_copy(update={"batch": 128}).ema_half_life_kimg() == 40.0
+    assert TINY.model_copy(update={"batch": 128, "ema_kimg": 5.0}).ema_half_life_kimg() == 5.0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import math
+import multiprocessing
 import os
 import time
 from collections.abc import Callable
@@ -48,7 +49,8 @@ class GeneratorTrainConfig(BaseModel):
     r1_gamma: float | None = Field(None, ge=0, description="None: 0.0002 * res^2 / batch (the ADA heuristic)")
     r1_interval: int = 16
     style_mixing: float = 0.9
-    ema_kimg: float = 10.0
+    ema_kimg: float | None = Field(None, gt=0, description="G_ema's half-life in kimg (None: batch * 10 / 32, "
+                                   "StyleGAN2-ADA's scaling: 10 at batch 32)")
     ema_rampup: float = 0.05
     real_pool: int = 200_000
     total_kimg: float = 200.0
@@ -57,6 +59,9 @@ class GeneratorTrainConfig(BaseModel):
     checkpoint_every: int = 200
     snapshot_every: int = 500  # steps between sample grids
     snapshot_kimg: float = 50.0  # kimg between kept model snapshots (generator-XXXXXXk.safetensors), scored later
+
+    def ema_half_life_kimg(self) -> float:
+        return self.ema_kimg if self.ema_kimg is not None else self.batch * 10 / 32
 
     def gamma(self) -> float:
         return self.r1_gamma if self.r1_gamma is not None else 0.0002 * self.resolution**2 / self.batch
@@ -80,11 +85,38 @@ class GeneratorTrainConfig(BaseModel):
         return self.r1_interval / (self.r1_interval + 1)
 
 
-def _real_batch(cfg: GeneratorTrainConfig, rng: np.random.Generator, device) -> torch.Tensor:
+class RealPool:
+    """The `real_pool` training renders, drawn once and held on the training device. On a GPU a step
+    takes milliseconds while rendering its batch takes tens of milliseconds of one CPU core, so the
+    renderer, not the networks, would set the pace. A batch drawn from the pool is exactly the batch
+    `_real_batch` renders on the fly (same indices, same seeds)."""
+
+    def __init__(self, images: torch.Tensor) -> None:
+        self.images = images  # (real_pool, H, W, 3) uint8
+
+    @classmethod
+    def render(cls, cfg: GeneratorTrainConfig, device: torch.device, workers: int = 1, chunk: int = 2048) -> RealPool:
+        seeds = toyfaces.split_seeds("train", cfg.real_pool)
+        jobs = [(seeds[i : i + chunk], cfg.resolution) for i in range(0, len(seeds), chunk)]
+        if workers > 1:  # spawn: a forked child of a process holding CUDA or OpenMP state can hang
+            with multiprocessing.get_context("spawn").Pool(workers) as pool:
+                parts = pool.starmap(toyfaces.render_images, jobs)
+        else:
+            parts = [toyfaces.render_images(*j) for j in jobs]
+        return cls(torch.from_numpy(np.concatenate(parts)).to(device))
+
+
+def _real_batch(cfg: GeneratorTrainConfig, rng: np.random.Generator, device, pool: RealPool | None = None) -> torch.Tensor:
     idx = rng.integers(0, cfg.real_pool, cfg.batch)
-    seeds = [toyfaces.split_seeds("train", 1, int(i))[0] for i in idx]
-    img = toyfaces.render(seeds, cfg.resolution)["image"]
-    return torch.from_numpy(img).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    if pool is not None:
+        if len(pool.images) != cfg.real_pool or pool.images.shape[1] != cfg.resolution:
+            raise ValueError(f"the real pool holds {tuple(pool.images.shape)}; this run needs {cfg.real_pool} images of "
+                             f"{cfg.resolution}²: render it with RealPool.render(cfg, ...)")
+        img = pool.images[torch.from_numpy(idx).to(pool.images.device)].to(device)
+    else:
+        seeds = [toyfaces.split_seeds("train", 1, int(i))[0] for i in idx]
+        img = torch.from_numpy(toyfaces.render(seeds, cfg.resolution)["image"]).to(device)
+    return img.permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
 def _mixed_ws(G: Generator, z: torch.Tensor, prob: float, gen: torch.Generator, update_w_avg: bool) -> torch.Tensor:
@@ -211,7 +243,7 @@ def g_loss(st: GANState, cfg: GeneratorTrainConfig, z: torch.Tensor, gen: torch.
 
 def update_ema(st: GANState, cfg: GeneratorTrainConfig) -> None:
     """EMA of G in fp32 with the ADA ramp-up: a short half-life early, `ema_kimg` later."""
-    ema_nimg = min(cfg.ema_kimg * 1000, st.nimg * cfg.ema_rampup)
+    ema_nimg = min(cfg.ema_half_life_kimg() * 1000, st.nimg * cfg.ema_rampup)
     beta = 0.5 ** (cfg.batch / max(ema_nimg, 1e-8))
     with torch.no_grad():
         for pe, p in zip(st.G_ema.parameters(), st.G.parameters()):
@@ -228,14 +260,15 @@ def set_lr(st: GANState, cfg: GeneratorTrainConfig) -> None:
         g["lr"] = cfg.d_lr_at(st.nimg) * cfg.r1_lazy_c()
 
 
-def train_step(st: GANState, cfg: GeneratorTrainConfig, dev: torch.device, amp: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def train_step(st: GANState, cfg: GeneratorTrainConfig, dev: torch.device, amp: bool,
+               pool: RealPool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One D step and one G step, all randomness from (seed, step); returns (loss_d, loss_g), detached
-    (no device sync here)."""
+    (no device sync here). `pool`: the pre-rendered real images (the same batches, faster on a GPU)."""
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + st.step)
     torch.manual_seed(cfg.seed * 1_000_003 + st.step)
     rng = np.random.default_rng([cfg.seed, st.step])
     set_lr(st, cfg)
-    real = _real_batch(cfg, rng, dev)
+    real = _real_batch(cfg, rng, dev, pool)
     z1 = torch.randn(cfg.batch, st.G.z_dim, generator=gen).to(dev)
     z2 = torch.randn(cfg.batch, st.G.z_dim, generator=gen).to(dev)
     loss_d = d_loss(st, cfg, real, z1, gen, amp)
@@ -259,11 +292,15 @@ def train_generator(
     progress: Callable[[dict], None] | None = None,
     max_seconds: float | None = None,
     init_from: str | os.PathLike | None = None,
+    prerender_workers: int = 0,
 ) -> Path:
     """Train (or resume) until `cfg.total_kimg`; returns the path of the exported G_ema + D file.
-    `init_from`: an exported G_ema + D file to warm-start a fresh directory from (see `init_from_export`)."""
+    `init_from`: an exported G_ema + D file to warm-start a fresh directory from (see `init_from_export`).
+    `prerender_workers` > 0: render the real pool up front in that many processes and hold it on the
+    device (for GPUs; the run's batches, and so its result, are the same either way)."""
     out = Path(out_dir)
     dev = torch.device(device)
+    pool = RealPool.render(cfg, dev, prerender_workers) if prerender_workers > 0 else None
     st = build_state(cfg, dev)
     if (out / "checkpoint.pt").exists():
         if init_from is not None:
@@ -278,7 +315,7 @@ def train_generator(
     snap = int(cfg.snapshot_kimg * 1000)
     t0, t_last, n_last = time.time(), time.time(), st.nimg
     while st.nimg < cfg.total_kimg * 1000:
-        loss_d, loss_g = train_step(st, cfg, dev, amp)
+        loss_d, loss_g = train_step(st, cfg, dev, amp, pool)
         if st.step % cfg.checkpoint_every == 0:
             save_state(st, cfg, out)
         if st.nimg // snap != (st.nimg - cfg.batch) // snap:
