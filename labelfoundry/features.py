@@ -138,7 +138,8 @@ class _Group:
     wt: torch.Tensor  # (C_g, MH), usually a transposed view of the (MH, C_total) weight
     ay: list[tuple[int, int, torch.Tensor]] = field(default_factory=list)  # per tile: lo, hi, (T, hi-lo+1)
     small: bool = False
-    lerp: tuple[torch.Tensor, ...] = ()  # large groups: horizontal weights, see TiledProjection.image
+    hx: torch.Tensor | None = None  # large groups, fp32 on CPU: (r, f, 3) weights of each output block, see TiledProjection.image
+    lerp: tuple[torch.Tensor, ...] = ()  # large groups otherwise: the four lerps' weights
     chunk: int = 1  # low-res rows projected per step of the rolling band
     cap: int = 0  # rows the band holds: the widest tile's source rows - 1 + chunk, at most res (see _roll)
     off: int = 0  # small groups: first column of this group in the stacked vertical buffer
@@ -155,7 +156,7 @@ class Workspace:
     buf: torch.Tensor  # (T*R, MH)
     bands: list[torch.Tensor]  # per low group (cap, r, MH)
     held: list[list[int]]  # per band: first row held, rows held
-    zbuf: torch.Tensor | None  # (T * max large r * MH,)
+    zbuf: torch.Tensor | None  # (T * (max large r + 2) * MH,): a large group's rows with a replicated border column
     zc: torch.Tensor | None  # (T, sum small r, MH)
     xbuf: torch.Tensor  # the largest group's input rows of one GEMM, gathered from its taps in the compute dtype
 
@@ -173,7 +174,12 @@ class TiledProjection:
       - exact separable bilinear upsampling (align_corners=False, the same i0/i1/lambda as
         F.interpolate): vertically one small matmul per group and tile; horizontally, all groups
         of resolution <= small_res in one batched matmul with the (R, sum r) interpolation matrix,
-        larger ones by four broadcast lerps over the channels-last tile.
+        larger ones by four broadcast lerps over the channels-last tile, or, in fp32 on a CPU, by one
+        batched matmul per tile row: each block of f = R / r output columns mixes the same three
+        source columns (j-1, j, j+1) with the same (f, 3) weights once the border columns are
+        replicated, so the tile is written in one pass instead of four (fp32 labeling 0.91x the time
+        at the paper's shape; in bf16 oneDNN's K=3 batched matmul is slower than the lerps, and on
+        CUDA a launch per row costs more than it saves: bench/labeling.py).
     The tile is channels-last (P, MH), so the head reads each member's slice as a strided GEMM
     operand without a copy. Same ops on CPU and CUDA; only the tile size differs.
     """
@@ -227,8 +233,14 @@ class TiledProjection:
             if not g.small:  # output column f*j + k lerps source columns j-1, j (k < f/2) or j, j+1
                 c = torch.tensor([(k + 0.5) / f - 0.5 for k in range(f)], dtype=torch.float64)
                 h = f // 2
-                as_w = lambda x: x.view(1, 1, h, 1).to(device=dev, dtype=dtype)  # noqa: E731
-                g.lerp = (as_w(-c[:h]), as_w(1 + c[:h]), as_w(1 - c[h:]), as_w(c[h:]))
+                wx = torch.zeros(f, 3, dtype=torch.float64)
+                wx[:h, 0], wx[:h, 1] = -c[:h], 1 + c[:h]
+                wx[h:, 1], wx[h:, 2] = 1 - c[h:], c[h:]
+                if dtype == torch.float32 and dev.type == "cpu":
+                    g.hx = wx.to(device=dev, dtype=dtype).expand(r, f, 3)
+                else:
+                    as_w = lambda x: x.view(1, 1, h, 1).to(device=dev, dtype=dtype)  # noqa: E731
+                    g.lerp = (as_w(-c[:h]), as_w(1 + c[:h]), as_w(1 - c[h:]), as_w(c[h:]))
             g.chunk = max(1, min(r, chunk_px // r))
             g.cap = min(r, max(hi - lo for lo, hi, _ in g.ay) + g.chunk)
             self.low.append(g)
@@ -250,7 +262,7 @@ class TiledProjection:
         new = lambda *shape: torch.empty(*shape, device=device, dtype=dt)  # noqa: E731
         return Workspace(
             buf=new(T * R, MH), bands=[new(g.cap, g.res, MH) for g in self.low], held=[[0, 0] for _ in self.low],
-            zbuf=new(T * self.large_res * MH) if self.large_res else None,
+            zbuf=new(T * (self.large_res + 2) * MH) if self.large_res else None,
             zc=new(T, self.small_cols, MH) if self.small_cols else None,
             xbuf=new(max(g.wt.shape[0] * (T * R if g is self.full else g.cap * g.res) for g in self.groups)),
         )
@@ -294,14 +306,25 @@ class TiledProjection:
                 lo, hi, ay = g.ay[ti]
                 proj = self._roll(g, rows, band, st, lo, hi)
                 # vertical: the small groups' rows side by side in zc (mm writes a strided slice in place)
-                zdst = work.zc[:t_rows, g.off : g.off + g.res] if g.small else work.zbuf[: t_rows * g.res * MH].view(t_rows, g.res, MH)
+                if g.small:
+                    zdst = work.zc[:t_rows, g.off : g.off + g.res]
+                else:  # source columns 1..r of r + 2; 0 and r + 1 repeat the border (both neighbours clamp to it)
+                    zp = work.zbuf[: t_rows * (g.res + 2) * MH].view(t_rows, g.res + 2, MH)
+                    zdst = zp[:, 1:-1]
                 torch.mm(ay, proj.reshape(proj.shape[0], -1), out=zdst.view(t_rows, -1))
                 if g.small:
                     continue
-                z = zdst
-                h = R // g.res // 2
-                wm, wcl, wch, wp = g.lerp
                 out4 = out.view(t_rows, g.res, R // g.res, MH)
+                if g.hx is not None:
+                    zp[:, 0].copy_(zp[:, 1])
+                    zp[:, -1].copy_(zp[:, -2])
+                    # overlapping windows of three source columns, one per block of output columns
+                    win = zp.as_strided((t_rows, g.res, 3, MH), (zp.stride(0), MH, MH, 1))
+                    for y in range(t_rows):
+                        out4[y].baddbmm_(g.hx, win[y])
+                    continue
+                z, h = zdst, R // g.res // 2
+                wm, wcl, wch, wp = g.lerp
                 zl, zr = z[:, :-1, None], z[:, 1:, None]  # columns j, j+1 for j < r-1
                 out4[:, 1:, :h].addcmul_(zl, wm).addcmul_(zr, wcl)
                 out4[:, :-1, h:].addcmul_(zl, wch).addcmul_(zr, wp)
