@@ -159,3 +159,25 @@ def test_headline_table_has_the_variants_trained_and_a_reason_without_a_gap():
     row = [c.strip() for c in table.splitlines()[2].split("|")[1:-1]]
     assert row[1] == "0.500 ± 0.010" and row[5] == "0.500 ± 0.000"  # mean ± std over seeds; seed-paired gap
     assert "unrefined" not in table and "fine-tune" not in table  # neither run trained them: no empty columns
+
+
+def test_train_generator_takes_the_batch_and_snapshot_schedule(tmp_path):
+    """--batch and --snapshot-kimg reach the run: 64 images at 16 per step are 4 steps, a snapshot is
+    kept (named by whole kimg, so these small ones share one name), the exported file records the
+    batch and leaves G_ema's half-life to scale with it; --export copies the final G_ema + D."""
+    import json
+
+    import torch
+    from safetensors import safe_open
+
+    out, exported = tmp_path / "gen", tmp_path / "final.safetensors"
+    res = invoke("train-generator", "--out", out, "--kimg", 0.064, "--batch", 16, "--snapshot-kimg", 0.016,
+                 "--device", "cpu", "--export", exported)
+    assert res.exit_code == 0, res.output
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert (state["step"], state["nimg"]) == (4, 64)
+    with safe_open(str(exported), "pt") as f:
+        extra = json.loads(f.metadata()["extra"])
+    assert extra["kimg"] == 0.064 and extra["train_config"]["batch"] == 16
+    assert extra["train_config"]["ema_kimg"] is None  # the default: scaled with the batch
+    assert sorted(p.name for p in out.glob("generator-*k.safetensors")) == ["generator-000000k.safetensors"]
