@@ -181,7 +181,8 @@ class TiledProjection:
         at the paper's shape; in bf16 oneDNN's K=3 batched matmul is slower than the lerps, and on
         CUDA a launch per row costs more than it saves: bench/labeling.py).
     The tile is channels-last (P, MH), so the head reads each member's slice as a strided GEMM
-    operand without a copy. Same ops on CPU and CUDA; only the tile size differs.
+    operand without a copy. The same code on CPU and CUDA; only the tile size differs (and the large
+    groups' horizontal pass in fp32 on a CPU, above).
     """
 
     def __init__(
