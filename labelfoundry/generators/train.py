@@ -38,7 +38,7 @@ class GeneratorTrainConfig(BaseModel):
     d_channel_base: int = 1024
     mbstd_group: int = Field(4, ge=1, description="D's minibatch-std group: samples whose spread D sees together "
                              "(StyleGAN2 4; ADA's CIFAR setting 32). Holds no weights, so a warm start may change it")
-    batch: int = 32
+    batch: int = Field(32, ge=1, description="images per step; R1's default weight and G_ema's default half-life scale with it")
     lr: float = 0.0025
     d_lr: float | None = Field(None, gt=0, description="D's learning rate before the lazy-R1 correction (None: `lr`, as "
                                "StyleGAN2); the ramp-down scales it like G's. Stored in no weights, so a warm start may change it")
