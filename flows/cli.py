@@ -343,6 +343,8 @@ def train_generator_cmd(
     prerender_workers: int = typer.Option(0, help="render the real pool up front in this many processes and hold it "
                                           "on the device: for GPUs, where rendering each batch would set the pace "
                                           "(same batches, same result)"),
+    real_pool: int = typer.Option(200_000, help="training renders D draws its real images from (the train split's "
+                                  "first N); give it again when resuming"),
 ) -> None:
     """Train the built-in StyleGAN2 on toy faces (resumes from <out>/checkpoint.pt)."""
     import shutil
@@ -356,7 +358,8 @@ def train_generator_cmd(
 
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     cfg = GeneratorTrainConfig(total_kimg=kimg, lr=lr, lr_decay_from_kimg=lr_decay_from, lr_final=lr_final, r1_gamma=r1_gamma,
-                               mbstd_group=mbstd_group, d_lr=d_lr, batch=batch, snapshot_kimg=snapshot_kimg)
+                               mbstd_group=mbstd_group, d_lr=d_lr, batch=batch, snapshot_kimg=snapshot_kimg,
+                               real_pool=real_pool)
     with Progress(TextColumn("[bold]G training"), BarColumn(), TextColumn("{task.fields[info]}"), TimeRemainingColumn()) as bar:
         t = bar.add_task("train", total=kimg, info="")
 

@@ -26,6 +26,7 @@ dev=${DEVICE:-cuda}
 work=${WORK_DIR:-/tmp/labelfoundry-train}
 workers=${PRERENDER_WORKERS:-5}
 snap=${SNAPSHOT_KIMG:-100}
+pool=${REAL_POOL:-200000}  # a dry run anywhere: DEVICE=cpu REAL_POOL=512 SNAPSHOT_KIMG=0.1 bash training/train-gpu.sh /tmp/t 0.3
 logs=$out/logs
 mkdir -p "$logs" "$work"
 export PYTHONUNBUFFERED=1 COLUMNS=160 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1  # one thread per process, renderers included
@@ -34,7 +35,7 @@ export PYTHONUNBUFFERED=1 COLUMNS=160 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1  # one
 train() {  # train NAME ARGS...
     local name=$1; shift
     "$py" -m flows.cli train-generator --out "$work/$name" --device "$dev" --kimg 100000 --max-minutes "$minutes" \
-        --threads 1 --prerender-workers "$workers" --snapshot-kimg "$snap" "$@" > "$logs/$name.log" 2>&1
+        --threads 1 --prerender-workers "$workers" --snapshot-kimg "$snap" --real-pool "$pool" "$@" > "$logs/$name.log" 2>&1
     echo "$name: rc $?" >> "$logs/$name.log"
 }
 t0=$SECONDS

@@ -52,7 +52,7 @@ class GeneratorTrainConfig(BaseModel):
     ema_kimg: float | None = Field(None, gt=0, description="G_ema's half-life in kimg (None: batch * 10 / 32, "
                                    "StyleGAN2-ADA's scaling: 10 at batch 32)")
     ema_rampup: float = 0.05
-    real_pool: int = 200_000
+    real_pool: int = Field(200_000, ge=1, description="the train split's first N renders, which D's real images are drawn from")
     total_kimg: float = 200.0
     seed: int = 0
     amp: bool = True
