@@ -3,9 +3,10 @@
 #
 #   bash training/train-gpu.sh OUT_DIR [MINUTES]        # MINUTES of training per run (default 7)
 #
-# A 64² StyleGAN2 this small is launch-bound on a datacenter GPU: one process leaves the GPU mostly
-# idle, and a larger batch costs about the same time per step as a small one. So three runs go side
-# by side, one process each, and the GPU's lever is the batch:
+# A 64² StyleGAN2 this small should be launch-bound on a datacenter GPU (a training step is ~20k
+# PyTorch op calls, counted on CPU; not yet timed on a GPU): one process would leave the GPU mostly
+# idle, and a larger batch cost about the same time per step. So three runs go side by side, one
+# process each, and the GPU's lever is the batch:
 #   b256       fresh, 256 images per step
 #   b512       fresh, 512 images per step
 #   warm-b256  the shipped model (600 kimg of CPU training) continued at 256 per step
