@@ -232,16 +232,15 @@ class TiledProjection:
                 g.ay.append((lo, hi, ay.to(device=dev, dtype=dtype)))
             g.small = r <= small_res
             if not g.small:  # output column f*j + k lerps source columns j-1, j (k < f/2) or j, j+1
-                c = torch.tensor([(k + 0.5) / f - 0.5 for k in range(f)], dtype=torch.float64)
+                # the weights of every block of f output columns on its source columns j-1, j, j+1:
+                # the middle block of three columns upsampled by f
+                wx = interp_matrix(3 * f, 3)[f : 2 * f]
                 h = f // 2
-                wx = torch.zeros(f, 3, dtype=torch.float64)
-                wx[:h, 0], wx[:h, 1] = -c[:h], 1 + c[:h]
-                wx[h:, 1], wx[h:, 2] = 1 - c[h:], c[h:]
                 if dtype == torch.float32 and dev.type == "cpu":
                     g.hx = wx.to(device=dev, dtype=dtype).expand(r, f, 3)
                 else:
-                    as_w = lambda x: x.view(1, 1, h, 1).to(device=dev, dtype=dtype)  # noqa: E731
-                    g.lerp = (as_w(-c[:h]), as_w(1 + c[:h]), as_w(1 - c[h:]), as_w(c[h:]))
+                    as_w = lambda x: x.reshape(1, 1, h, 1).to(device=dev, dtype=dtype)  # noqa: E731
+                    g.lerp = (as_w(wx[:h, 0]), as_w(wx[:h, 1]), as_w(wx[h:, 1]), as_w(wx[h:, 2]))
             g.chunk = max(1, min(r, chunk_px // r))
             g.cap = min(r, max(hi - lo for lo, hi, _ in g.ay) + g.chunk)
             self.low.append(g)
