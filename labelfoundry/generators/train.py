@@ -97,12 +97,12 @@ class RealPool:
     @classmethod
     def render(cls, cfg: GeneratorTrainConfig, device: torch.device, workers: int = 1, chunk: int = 2048) -> RealPool:
         seeds = toyfaces.split_seeds("train", cfg.real_pool)
+        if workers <= 1:
+            return cls(torch.from_numpy(toyfaces.render_images(seeds, cfg.resolution)).to(device))
         jobs = [(seeds[i : i + chunk], cfg.resolution) for i in range(0, len(seeds), chunk)]
-        if workers > 1:  # spawn: a forked child of a process holding CUDA or OpenMP state can hang
-            with multiprocessing.get_context("spawn").Pool(workers) as pool:
-                parts = pool.starmap(toyfaces.render_images, jobs)
-        else:
-            parts = [toyfaces.render_images(*j) for j in jobs]
+        # spawn: a forked child of a process holding CUDA or OpenMP state can hang
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            parts = pool.starmap(toyfaces.render_images, jobs)
         return cls(torch.from_numpy(np.concatenate(parts)).to(device))
 
 
